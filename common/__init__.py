@@ -1,0 +1,1 @@
+"""Code shared by the server and the sites: data, models, losses, metrics, configuration."""
