@@ -1,0 +1,312 @@
+"""Local training of a site's models, with or without DP-SGD (Opacus). Plain functions, no Flower.
+
+Each function trains in place, returns its metrics and the DP mechanisms it ran as
+``(noise_multiplier, sample_rate, steps)`` for the site's privacy ledger (empty without DP).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.augment import augment_faces
+from common.faceset import FaceSet
+from common.losses import MarginHead, margin_softmax_loss, triplet_semihard_loss
+from common.vae import Discriminator, lsgan_discriminator_loss, lsgan_generator_loss, vae_loss
+
+Mechanism = tuple[float, float, int]
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """DP-SGD parameters for one round: Gaussian noise ``noise_multiplier * max_grad_norm`` is added to the
+    sum of per-sample gradients clipped to ``max_grad_norm``; batches are Poisson-sampled."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+@dataclass
+class LocalResult:
+    metrics: dict[str, float] = field(default_factory=dict)
+    mechanisms: list[Mechanism] = field(default_factory=list)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch; DP-SGD samples each example with probability ``1 / steps_per_epoch``."""
+    return max(1, math.ceil(num_examples / batch_size))
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Map float images in [0, 1] to the [-1, 1] range the embedding networks take."""
+    return x.mul(2.0).sub_(1.0)
+
+
+class EmbeddingClassifier(nn.Module):
+    """Backbone plus the site's private margin head: ``forward(x) -> cosine [B, num_identities]``."""
+
+    def __init__(self, backbone: nn.Module, head: MarginHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _loader(faces: FaceSet, batch_size: int, generator: torch.Generator) -> DataLoader:
+    data = TensorDataset(faces.images, faces.labels)
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+
+
+def _privatize(model, optimizer, loader, dp: DPSettings, generator: torch.Generator):
+    engine = PrivacyEngine(accountant="rdp")  # its own accountant is unused: the site's ledger accounts.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+        return engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=generator,
+        )
+
+
+def _proximal_step(model: nn.Module, anchor: dict[str, torch.Tensor] | None, lr: float, mu: float) -> None:
+    """FedProx: move towards the global weights, ``w -= lr * mu * (w - w_global)``.
+
+    Applied after the (noised) optimizer step; it uses no data, so it is post-processing under DP."""
+    if anchor is None or mu <= 0:
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in anchor:
+                p.sub_(lr * mu * (p - anchor[name]))
+
+
+def train_embedding(
+    backbone: nn.Module,
+    head: MarginHead,
+    faces: FaceSet,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    loss: str = "arcface",
+    margin: float = 0.3,
+    scale: float = 30.0,
+    augment: bool = True,
+    dp: DPSettings | None = None,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> LocalResult:
+    """Train ``backbone`` (federated) and ``head`` (site-private identity prototypes) on ``faces``.
+
+    With ``dp`` set, both are trained with DP-SGD: per-sample gradients (Opacus) clipped to
+    ``dp.max_grad_norm``, Gaussian noise, Poisson sampling; ``loss`` must then be per-sample (arcface, cosface).
+    """
+    if dp is not None and loss == "triplet":
+        raise ValueError("Triplet loss couples the samples of a batch; it cannot be trained with DP-SGD.")
+    gen = torch.Generator().manual_seed(seed)
+    anchor = {f"backbone.{k}": v.detach().clone() for k, v in backbone.named_parameters()} if proximal_mu else None
+    model: nn.Module = EmbeddingClassifier(backbone, head)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    loader = _loader(faces, batch_size, gen)
+    if dp is not None:
+        model, optimizer, loader = _privatize(model, optimizer, loader, dp, gen)
+    inner = model._module if dp is not None else model
+    steps, seen, total_loss, correct = 0, 0, 0.0, 0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for images, labels in loader:
+            steps += 1
+            if len(labels) == 0:  # Poisson sampling can draw an empty batch; noise only, nothing to learn.
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            x = images.float().div_(255.0)
+            if augment:
+                x = augment_faces(x, gen)
+            x = normalize(x)
+            optimizer.zero_grad(set_to_none=True)
+            if loss == "triplet":
+                emb = inner.backbone(x)
+                batch_loss = triplet_semihard_loss(emb, labels)
+                with torch.no_grad():
+                    cosine = inner.head(emb)
+            else:
+                cosine = model(x)
+                batch_loss = margin_softmax_loss(cosine, labels, kind=loss, margin=margin, scale=scale)
+            batch_loss.backward()
+            optimizer.step()
+            _proximal_step(inner, anchor, lr, proximal_mu)
+            seen += len(labels)
+            total_loss += float(batch_loss) * len(labels)
+            correct += int((cosine.argmax(1) == labels).sum())
+    elapsed = time.perf_counter() - start
+    result = LocalResult(
+        metrics={
+            "train-loss": total_loss / max(seen, 1),
+            "train-accuracy": correct / max(seen, 1),
+            "steps": float(steps),
+            "images-per-second": seen / max(elapsed, 1e-9),
+        }
+    )
+    if dp is not None:
+        result.mechanisms.append((dp.noise_multiplier, 1.0 / steps_per_epoch(len(faces), batch_size), steps))
+        _release_hooks(model)
+    return result
+
+
+@torch.no_grad()
+def evaluate_identification(backbone: nn.Module, head: MarginHead, faces: FaceSet, batch_size: int = 256) -> dict:
+    """Closed-set identification accuracy of a site's validation images against its own prototypes."""
+    if len(faces) == 0:
+        return {"val-accuracy": float("nan")}
+    backbone.eval()
+    correct = 0
+    for start in range(0, len(faces), batch_size):
+        x = normalize(faces.images[start : start + batch_size].float().div(255.0))
+        correct += int((head(backbone(x)).argmax(1) == faces.labels[start : start + batch_size]).sum())
+    backbone.train()
+    return {"val-accuracy": correct / len(faces)}
+
+
+def train_vae(
+    vae: nn.Module,
+    faces: FaceSet,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    beta: float = 1.0,
+    recon: str = "l1",
+    augment: bool = True,
+    dp: DPSettings | None = None,
+    discriminator: Discriminator | None = None,
+    adversarial_weight: float = 0.05,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> LocalResult:
+    """Train the VAE (and, when given, its site-private discriminator: VAE-GAN with a least-squares loss).
+
+    Under DP both networks get DP-SGD, each with its own Poisson sampling of the site's faces; that is two
+    mechanisms per step, both recorded for the ledger.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    anchor = {k: v.detach().clone() for k, v in vae.named_parameters()} if proximal_mu else None
+    vae.train()
+    model: nn.Module = vae
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.5, 0.999) if discriminator else (0.9, 0.999))
+    loader = _loader(faces, batch_size, gen)
+    if dp is not None:
+        model, optimizer, loader = _privatize(model, optimizer, loader, dp, gen)
+    d_model = d_opt = d_loader = None
+    if discriminator is not None:
+        discriminator.train()
+        d_model = discriminator
+        d_opt = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
+        d_loader = _loader(faces, batch_size, gen)
+        if dp is not None:
+            d_model, d_opt, d_loader = _privatize(discriminator, d_opt, d_loader, dp, gen)
+    inner = model._module if dp is not None else model
+    steps, seen, total, d_total = 0, 0, 0.0, 0.0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        d_iter = iter(d_loader) if d_loader is not None else None
+        for images, _labels in loader:
+            steps += 1
+            if d_iter is not None:
+                d_total += _discriminator_step(d_model, d_opt, next(d_iter, None), inner, gen, augment)
+            if len(images) == 0:
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            x = images.float().div_(255.0)
+            if augment:
+                x = augment_faces(x, gen, max_rotation_deg=4.0, max_shift=0.03)
+            optimizer.zero_grad(set_to_none=True)
+            out, mu, logvar = model(x)
+            batch_loss = vae_loss(out, x, mu, logvar, beta=beta, recon=recon)
+            if d_model is not None:
+                for p in d_model.parameters():
+                    p.requires_grad_(False)
+                batch_loss = batch_loss + adversarial_weight * lsgan_generator_loss(d_model(out))
+                for p in d_model.parameters():
+                    p.requires_grad_(True)
+            batch_loss.backward()
+            optimizer.step()
+            _proximal_step(inner, anchor, lr, proximal_mu)
+            seen += len(images)
+            total += float(batch_loss) * len(images)
+    elapsed = time.perf_counter() - start
+    result = LocalResult(
+        metrics={
+            "train-loss": total / max(seen, 1),
+            "steps": float(steps),
+            "images-per-second": seen / max(elapsed, 1e-9),
+        }
+    )
+    if discriminator is not None:
+        result.metrics["disc-loss"] = d_total / max(steps, 1)
+    if dp is not None:
+        q = 1.0 / steps_per_epoch(len(faces), batch_size)
+        result.mechanisms.append((dp.noise_multiplier, q, steps))
+        _release_hooks(model)
+        if d_model is not None:
+            result.mechanisms.append((dp.noise_multiplier, q, steps))
+            _release_hooks(d_model)
+    return result
+
+
+def _discriminator_step(d_model, d_opt, batch, vae: nn.Module, gen: torch.Generator, augment: bool) -> float:
+    d_opt.zero_grad(set_to_none=True)
+    if batch is None or len(batch[0]) == 0:
+        return 0.0
+    x = batch[0].float().div_(255.0)
+    if augment:
+        x = augment_faces(x, gen, max_rotation_deg=4.0, max_shift=0.03)
+    with torch.no_grad():
+        fake, _, _ = vae(x)
+    loss = _paired_d_loss(d_model, x, fake)
+    loss.backward()
+    d_opt.step()
+    return float(loss)
+
+
+def _paired_d_loss(d_model: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """LSGAN loss of example i = its real image and its own reconstruction, scored in two forward passes.
+
+    Opacus sums the per-sample gradients of the two passes for each example before clipping, so the pair is
+    clipped as one example (the reconstruction is derived from that same private image)."""
+    return lsgan_discriminator_loss(d_model(real), d_model(fake))
+
+
+@torch.no_grad()
+def evaluate_vae(vae: nn.Module, faces: FaceSet, *, beta: float = 1.0, recon: str = "l1", batch_size: int = 128) -> dict:
+    if len(faces) == 0:
+        return {"val-loss": float("nan")}
+    vae.eval()
+    total = 0.0
+    for start in range(0, len(faces), batch_size):
+        x = faces.images[start : start + batch_size].float().div(255.0)
+        out, mu, logvar = vae(x)
+        total += float(vae_loss(out, x, mu, logvar, beta=beta, recon=recon)) * len(x)
+    vae.train()
+    return {"val-loss": total / len(faces)}
+
+
+def _release_hooks(model: nn.Module) -> None:
+    """Detach Opacus' hooks so the wrapped module can be reused (serialised, evaluated) afterwards."""
+    remove = getattr(model, "_close", None) or getattr(model, "remove_hooks", None)
+    if callable(remove):
+        remove()

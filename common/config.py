@@ -1,0 +1,204 @@
+"""The one validated run configuration.
+
+Every knob of a run lives in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (kebab-case keys), can be
+overridden with ``flwr run . --run-config "k=v"`` or the options of ``facefl simulate``, and is turned into
+a frozen :class:`RunConfig` here, in one place, by :meth:`RunConfig.from_mapping`. Server and sites read the
+same object; nothing else parses configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+TASKS = ("embedding", "vae", "both")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+MODELS = ("compact", "inception")
+LOSSES = ("arcface", "cosface", "triplet")
+PARTITIONS = ("iid", "dirichlet")
+ACCOUNTANTS = ("prv", "rdp")
+RECON_LOSSES = ("l1", "l2")
+
+
+class ConfigError(ValueError):
+    """A run configuration value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a federated run.
+
+    Field names are the snake_case forms of the kebab-case run-config keys (``num-rounds`` ->
+    ``num_rounds``). Defaults here equal those in ``pyproject.toml``.
+    """
+
+    # What to train
+    task: str = "embedding"
+    data: str = ""
+    num_rounds: int = 3
+    # Federation
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    round_timeout: float = 3600.0
+    # Local training
+    local_epochs: int = 1
+    batch_size: int = 32
+    image_size: int = 64
+    lr: float = 0.1
+    vae_lr: float = 2e-4
+    model: str = "compact"
+    embedding_dim: int = 128
+    weights_path: str = ""
+    weights_sha256: str = ""
+    loss: str = "arcface"
+    margin: float = 0.3
+    scale: float = 30.0
+    augment: bool = True
+    latent_dim: int = 128
+    vae_beta: float = 1.0
+    vae_recon: str = "l1"
+    vae_adversarial: bool = False
+    # Data and partitioning
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    seed: int = 0
+    val_fraction: float = 0.1
+    max_identities: int = 0
+    heldout_fraction: float = 0.15
+    eval_pairs: int = 0
+    eval_faces: int = 256
+    # Differential privacy (per site, example-level)
+    dp: bool = True
+    target_epsilon: float = 8.0
+    target_delta: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    planned_rounds: int = 0
+    # Where things go
+    run_dir: str = ""
+    state_dir: str = ""
+    resume_from: str = ""
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{_key(name)} must be one of {', '.join(allowed)}; got {value!r}.")
+
+        def positive(name: str, *, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if value < 0 or (value == 0 and not allow_zero):
+                bound = "zero or more" if allow_zero else "positive"
+                raise ConfigError(f"{_key(name)} must be {bound}; got {value!r}.")
+
+        choice("task", TASKS)
+        choice("strategy", STRATEGIES)
+        choice("model", MODELS)
+        choice("loss", LOSSES)
+        choice("partition", PARTITIONS)
+        choice("accountant", ACCOUNTANTS)
+        choice("vae_recon", RECON_LOSSES)
+        for name in ("num_rounds", "local_epochs", "batch_size", "embedding_dim", "latent_dim", "min_sites",
+                     "lr", "vae_lr", "scale", "max_grad_norm", "target_epsilon", "dirichlet_alpha",
+                     "round_timeout", "server_lr"):
+            positive(name)
+        for name in ("proximal_mu", "margin", "vae_beta", "max_identities", "eval_pairs", "eval_faces",
+                     "planned_rounds", "target_delta"):
+            positive(name, allow_zero=True)
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train!r}.")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise ConfigError(f"val-fraction must be in [0, 0.5); got {self.val_fraction!r}.")
+        if not 0.0 < self.heldout_fraction < 0.5:
+            raise ConfigError(f"heldout-fraction must be in (0, 0.5); got {self.heldout_fraction!r}.")
+        if not 48 <= self.image_size <= 160 or self.image_size % 16:
+            raise ConfigError(f"image-size must be a multiple of 16 between 48 and 160; got {self.image_size!r}.")
+        if self.task in ("vae", "both") and self.image_size not in (64, 128):
+            raise ConfigError(f"The VAE is built for image-size 64 or 128; got {self.image_size!r}.")
+        if self.target_delta >= 1.0:
+            raise ConfigError(f"target-delta must be below 1 (and below 1/N for N examples); got {self.target_delta!r}.")
+        if self.dp and self.loss == "triplet":
+            raise ConfigError(
+                "loss=triplet cannot be used with DP: online triplet mining couples the samples of a batch, so "
+                "DP-SGD's per-sample clipping no longer bounds one person's influence and the epsilon would be "
+                "void. Use loss=arcface or loss=cosface, or set dp=false for a non-private baseline."
+            )
+        if bool(self.weights_path) != bool(self.weights_sha256):
+            raise ConfigError("weights-path and weights-sha256 go together: give both (the file is checked by hash).")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
+        """Build from a run-config mapping (kebab-case or snake_case keys), checking types and names."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for raw_key, raw_value in mapping.items():
+            name = str(raw_key).replace("-", "_")
+            if name not in known:
+                close = [_key(k) for k in known if k.split("_")[0] == name.split("_")[0]]
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"Unknown run-config key {raw_key!r}.{hint}")
+            values[name] = _coerce(name, known[name].default, raw_value)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case mapping, suitable for ``--run-config`` and ``config.json``."""
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def trains_embedding(self) -> bool:
+        return self.task in ("embedding", "both")
+
+    @property
+    def trains_vae(self) -> bool:
+        return self.task in ("vae", "both")
+
+    @property
+    def budget_rounds(self) -> int:
+        """Rounds a site spreads its privacy budget over."""
+        return self.planned_rounds or self.num_rounds
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(name: str, default: Any, value: Any) -> Any:
+    expected = type(default)
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected is str:
+        return str(value)
+    raise ConfigError(f"{_key(name)} must be a {expected.__name__}; got {value!r}.")

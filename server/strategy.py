@@ -1,0 +1,154 @@
+"""Flower's strategies (FedAvg, FedProx, FedAdam), with what facefl adds around aggregation.
+
+:class:`SiteAwareMixin` is placed in front of a Flower strategy class. It does not copy Flower's ``start`` loop;
+it only wraps ``configure_train`` and ``aggregate_train`` so that:
+- rounds are numbered from the run's start even after a resume (``round_offset``);
+- replies from sites that declined (privacy budget spent), failed, or sent an update that is malformed (wrong
+  entries, shapes or dtypes, NaN/Inf) are left out of the aggregate and recorded, and the round completes
+  with the others;
+- every site's own metrics (loss, cumulative epsilon, ...) are kept for ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from common.config import RunConfig
+from common.models import check_state
+
+log = logging.getLogger("facefl.server")
+
+
+@dataclass
+class RoundReport:
+    """What the server learned about the sites in one round."""
+
+    sites: dict[str, dict[str, float]] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def aggregate_site_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Example-weighted mean of the sites' training metrics; epsilon is the maximum over sites, not a mean."""
+    weights = [float(next(iter(r.metric_records.values()))[weighting_key]) for r in records]
+    total = sum(weights) or 1.0
+    out: dict[str, float] = {}
+    for record, w in zip(records, weights, strict=True):
+        for key, value in next(iter(record.metric_records.values())).items():
+            if key == weighting_key or isinstance(value, list):
+                continue
+            if key in ("epsilon", "target-epsilon", "delta", "noise-multiplier"):
+                out[key] = max(out.get(key, 0.0), float(value))
+            elif math.isfinite(float(value)):
+                out[key] = out.get(key, 0.0) + float(value) * w / total
+    out["num-sites"] = float(len(records))
+    out[weighting_key] = float(sum(weights))
+    return MetricRecord(out)
+
+
+class SiteAwareMixin:
+    """Mixin for a Flower message-based strategy; see the module docstring."""
+
+    round_offset: int = 0
+
+    def init_facefl(self, reference: dict, round_offset: int = 0) -> None:
+        self.round_offset = round_offset
+        self._reference = reference  # expected entries, shapes and dtypes of an update
+        self.reports: dict[int, RoundReport] = {}
+        self.train_metrics: dict[int, dict[str, float]] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        absolute = server_round + self.round_offset
+        config["round"] = absolute
+        return super().configure_train(absolute, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        absolute = server_round + self.round_offset
+        report = RoundReport()
+        usable: list[Message] = []
+        for msg in replies:
+            node = f"node-{msg.metadata.src_node_id}"
+            if msg.has_error():
+                report.failed[node] = str(msg.error.reason)
+                continue
+            content = msg.content
+            name = str(content["site"]["name"]) if "site" in content.config_records else node
+            metrics = next(iter(content.metric_records.values()), None)
+            if metrics is None:
+                report.rejected[name] = "reply has no metrics"
+                continue
+            report.sites[name] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+            if float(metrics.get("declined", 0.0)) > 0:
+                report.declined[name] = str(content["site"]["message"]) if "site" in content.config_records else ""
+                continue
+            try:
+                arrays = next(iter(content.array_records.values()))
+                check_state(self._reference, arrays.to_torch_state_dict())
+            except (ValueError, StopIteration, TypeError) as exc:
+                report.rejected[name] = str(exc)
+                log.warning("round %d: update from %s rejected: %s", absolute, name, exc)
+                continue
+            usable.append(msg)
+        self.reports[absolute] = report
+        if report.declined:
+            log.info("round %d: declined (privacy budget): %s", absolute, ", ".join(sorted(report.declined)))
+        if not usable:
+            log.warning("round %d: no usable update; the global model is unchanged.", absolute)
+            return None, None
+        arrays, metrics = super().aggregate_train(absolute, usable)  # type: ignore[misc]
+        if metrics is not None:
+            self.train_metrics[absolute] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+        return arrays, metrics
+
+    # Server-side optimiser state (FedAdam's moments) for checkpoints.
+    def server_state(self) -> dict:
+        state = {}
+        for name in ("m_t", "v_t"):
+            value = getattr(self, name, None)
+            if value:
+                state[name] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+        return state
+
+    def load_server_state(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, {k: v.numpy() for k, v in value.items()})
+
+
+class FaceFedAvg(SiteAwareMixin, FedAvg):
+    pass
+
+
+class FaceFedProx(SiteAwareMixin, FedProx):
+    pass
+
+
+class FaceFedAdam(SiteAwareMixin, FedAdam):
+    pass
+
+
+def build_strategy(cfg: RunConfig, reference: dict, round_offset: int = 0) -> SiteAwareMixin:
+    """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` of the sites, at least ``min-sites``."""
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=0.0,  # sites report validation metrics with their update; the server evaluates globally
+        min_train_nodes=cfg.min_sites,
+        min_available_nodes=cfg.min_sites,
+        train_metrics_aggr_fn=aggregate_site_metrics,
+    )
+    if cfg.strategy == "fedavg":
+        strategy: SiteAwareMixin = FaceFedAvg(**common)
+    elif cfg.strategy == "fedprox":
+        strategy = FaceFedProx(proximal_mu=cfg.proximal_mu, **common)
+    else:
+        strategy = FaceFedAdam(eta=cfg.server_lr, eta_l=cfg.lr, **common)
+    strategy.init_facefl(reference, round_offset)
+    return strategy
