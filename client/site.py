@@ -155,7 +155,7 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
     seed = cfg.seed * 100_003 + server_round * 101 + (site.index or 0)
     mechanisms: list[tuple[float, float, int]] = []
     if models.embedding is not None:
-        head = MarginHead(train.num_identities, cfg.embedding_dim)
+        head = MarginHead(cfg.embedding_dim, train.num_identities)
         if state.head is not None and state.head.get("weight", torch.empty(0)).shape == head.weight.shape:
             head.load_state_dict(state.head)
         res = train_embedding(models.embedding, head, train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,

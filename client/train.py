@@ -151,7 +151,7 @@ def train_embedding(
             optimizer.step()
             _proximal_step(inner, anchor, lr, proximal_mu)
             seen += len(labels)
-            total_loss += float(batch_loss) * len(labels)
+            total_loss += float(batch_loss.detach()) * len(labels)
             correct += int((cosine.argmax(1) == labels).sum())
     elapsed = time.perf_counter() - start
     result = LocalResult(
@@ -247,7 +247,7 @@ def train_vae(
             optimizer.step()
             _proximal_step(inner, anchor, lr, proximal_mu)
             seen += len(images)
-            total += float(batch_loss) * len(images)
+            total += float(batch_loss.detach()) * len(images)
     elapsed = time.perf_counter() - start
     result = LocalResult(
         metrics={

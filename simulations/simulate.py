@@ -39,6 +39,7 @@ def simulate(cfg: RunConfig, num_sites: int, *, cpus_per_site: float = 1.0, verb
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import ray
     from flwr.simulation import run_simulation
 
@@ -52,10 +53,12 @@ def simulate(cfg: RunConfig, num_sites: int, *, cpus_per_site: float = 1.0, verb
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     for name in ("flwr", "facefl"):
         logging.getLogger(name).addHandler(file_handler)
-    previous_levels = {h: h.level for h in flwr_log.handlers if h is not file_handler}
-    if not verbose:
-        for handler in previous_levels:
-            handler.setLevel(logging.WARNING)
+    saved = {"propagate": flwr_log.propagate, "levels": {h: h.level for h in flwr_log.handlers}}
+    if not verbose:  # Flower's own lines go to flower.log; the console shows facefl's progress lines.
+        flwr_log.propagate = False
+        for handler in flwr_log.handlers:
+            if handler is not file_handler:
+                handler.setLevel(logging.ERROR)
     overrides = cfg.to_mapping()
     backend = {
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
@@ -74,7 +77,8 @@ def simulate(cfg: RunConfig, num_sites: int, *, cpus_per_site: float = 1.0, verb
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        for handler, level in previous_levels.items():
+        flwr_log.propagate = saved["propagate"]
+        for handler, level in saved["levels"].items():
             handler.setLevel(level)
         for name in ("flwr", "facefl"):
             logging.getLogger(name).removeHandler(file_handler)
