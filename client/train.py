@@ -6,6 +6,7 @@ Each function trains in place, returns its metrics and the DP mechanisms it ran 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -39,6 +40,24 @@ class LocalResult:
     mechanisms: list[Mechanism] = field(default_factory=list)
 
 
+def _batches(loader, epochs: int):
+    """All batches of ``epochs`` passes over ``loader``, with expected warnings silenced."""
+    with quiet_opacus():
+        for _ in range(epochs):
+            yield from loader
+
+
+def _empty_batch_step(optimizer, dp: DPSettings | None) -> None:
+    """Poisson sampling can draw an empty batch. DP-SGD must still release a noised (zero) gradient then:
+    skipping the step would reveal that no example was sampled, which the accounting does not allow for."""
+    optimizer.zero_grad(set_to_none=True)
+    if dp is None:
+        return
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Optimizer steps in one epoch; DP-SGD samples each example with probability ``1 / steps_per_epoch``."""
     return max(1, math.ceil(num_examples / batch_size))
@@ -66,11 +85,19 @@ def _loader(faces: FaceSet, batch_size: int, generator: torch.Generator) -> Data
     return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
 
 
+@contextlib.contextmanager
+def quiet_opacus():
+    """Silence Opacus/PyTorch warnings that are expected here (and say nothing about privacy)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+        warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+        yield
+
+
 def _privatize(model, optimizer, loader, dp: DPSettings, generator: torch.Generator):
     engine = PrivacyEngine(accountant="rdp")  # its own accountant is unused: the site's ledger accounts.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+    with quiet_opacus():
         return engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -128,31 +155,30 @@ def train_embedding(
     inner = model._module if dp is not None else model
     steps, seen, total_loss, correct = 0, 0, 0.0, 0
     start = time.perf_counter()
-    for _ in range(epochs):
-        for images, labels in loader:
-            steps += 1
-            if len(labels) == 0:  # Poisson sampling can draw an empty batch; noise only, nothing to learn.
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            x = images.float().div_(255.0)
-            if augment:
-                x = augment_faces(x, gen)
-            x = normalize(x)
-            optimizer.zero_grad(set_to_none=True)
-            if loss == "triplet":
-                emb = inner.backbone(x)
-                batch_loss = triplet_semihard_loss(emb, labels)
-                with torch.no_grad():
-                    cosine = inner.head(emb)
-            else:
-                cosine = model(x)
-                batch_loss = margin_softmax_loss(cosine, labels, kind=loss, margin=margin, scale=scale)
-            batch_loss.backward()
-            optimizer.step()
-            _proximal_step(inner, anchor, lr, proximal_mu)
-            seen += len(labels)
-            total_loss += float(batch_loss.detach()) * len(labels)
-            correct += int((cosine.argmax(1) == labels).sum())
+    for images, labels in _batches(loader, epochs):
+        steps += 1
+        if len(labels) == 0:
+            _empty_batch_step(optimizer, dp)
+            continue
+        x = images.float().div_(255.0)
+        if augment:
+            x = augment_faces(x, gen)
+        x = normalize(x)
+        optimizer.zero_grad(set_to_none=True)
+        if loss == "triplet":
+            emb = inner.backbone(x)
+            batch_loss = triplet_semihard_loss(emb, labels)
+            with torch.no_grad():
+                cosine = inner.head(emb)
+        else:
+            cosine = model(x)
+            batch_loss = margin_softmax_loss(cosine, labels, kind=loss, margin=margin, scale=scale)
+        batch_loss.backward()
+        optimizer.step()
+        _proximal_step(inner, anchor, lr, proximal_mu)
+        seen += len(labels)
+        total_loss += float(batch_loss.detach()) * len(labels)
+        correct += int((cosine.argmax(1) == labels).sum())
     elapsed = time.perf_counter() - start
     result = LocalResult(
         metrics={
@@ -222,32 +248,31 @@ def train_vae(
     inner = model._module if dp is not None else model
     steps, seen, total, d_total = 0, 0, 0.0, 0.0
     start = time.perf_counter()
-    for _ in range(epochs):
-        d_iter = iter(d_loader) if d_loader is not None else None
-        for images, _labels in loader:
-            steps += 1
-            if d_iter is not None:
-                d_total += _discriminator_step(d_model, d_opt, next(d_iter, None), inner, gen, augment)
-            if len(images) == 0:
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            x = images.float().div_(255.0)
-            if augment:
-                x = augment_faces(x, gen, max_rotation_deg=4.0, max_shift=0.03)
-            optimizer.zero_grad(set_to_none=True)
-            out, mu, logvar = model(x)
-            batch_loss = vae_loss(out, x, mu, logvar, beta=beta, recon=recon)
-            if d_model is not None:
-                for p in d_model.parameters():
-                    p.requires_grad_(False)
-                batch_loss = batch_loss + adversarial_weight * lsgan_generator_loss(d_model(out))
-                for p in d_model.parameters():
-                    p.requires_grad_(True)
-            batch_loss.backward()
-            optimizer.step()
-            _proximal_step(inner, anchor, lr, proximal_mu)
-            seen += len(images)
-            total += float(batch_loss.detach()) * len(images)
+    d_batches = _batches(d_loader, epochs) if d_loader is not None else None
+    for images, _labels in _batches(loader, epochs):
+        steps += 1
+        if d_batches is not None:
+            d_total += _discriminator_step(d_model, d_opt, next(d_batches, None), inner, gen, augment, dp)
+        if len(images) == 0:
+            _empty_batch_step(optimizer, dp)
+            continue
+        x = images.float().div_(255.0)
+        if augment:
+            x = augment_faces(x, gen, max_rotation_deg=4.0, max_shift=0.03)
+        optimizer.zero_grad(set_to_none=True)
+        out, mu, logvar = model(x)
+        batch_loss = vae_loss(out, x, mu, logvar, beta=beta, recon=recon)
+        if d_model is not None:
+            # The discriminator is frozen for the generator step, from its forward to after the backward.
+            _set_requires_grad(d_model, False)
+            batch_loss = batch_loss + adversarial_weight * lsgan_generator_loss(d_model(out))
+        batch_loss.backward()
+        optimizer.step()
+        if d_model is not None:
+            _set_requires_grad(d_model, True)
+        _proximal_step(inner, anchor, lr, proximal_mu)
+        seen += len(images)
+        total += float(batch_loss.detach()) * len(images)
     elapsed = time.perf_counter() - start
     result = LocalResult(
         metrics={
@@ -268,9 +293,20 @@ def train_vae(
     return result
 
 
-def _discriminator_step(d_model, d_opt, batch, vae: nn.Module, gen: torch.Generator, augment: bool) -> float:
+def _set_requires_grad(model: nn.Module, flag: bool) -> None:
+    """Freeze or unfreeze ``model``; under Opacus also switch its per-sample-gradient hooks off or on."""
+    for p in model.parameters():
+        p.requires_grad_(flag)
+    toggle = getattr(model, "enable_hooks" if flag else "disable_hooks", None)
+    if callable(toggle):
+        toggle()
+
+
+def _discriminator_step(d_model, d_opt, batch, vae: nn.Module, gen: torch.Generator, augment: bool,
+                        dp: DPSettings | None) -> float:
     d_opt.zero_grad(set_to_none=True)
     if batch is None or len(batch[0]) == 0:
+        _empty_batch_step(d_opt, dp)
         return 0.0
     x = batch[0].float().div_(255.0)
     if augment:
@@ -280,7 +316,7 @@ def _discriminator_step(d_model, d_opt, batch, vae: nn.Module, gen: torch.Genera
     loss = _paired_d_loss(d_model, x, fake)
     loss.backward()
     d_opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _paired_d_loss(d_model: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,9 @@ class MarginHead(nn.Module):
             raise ValueError(
                 f"MarginHead needs a positive embedding_dim and num_classes, got {embedding_dim} and {num_classes}."
             )
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_dim))  # [C, D]
-        nn.init.normal_(self.weight, std=0.01)
+        # Unit-length rows: the gradient with respect to a row scales with 1 / its length, and under
+        # DP-SGD a head of short rows would take nearly all of each sample's clipping budget.
+        self.weight = nn.Parameter(F.normalize(torch.randn(num_classes, embedding_dim), dim=1))  # [C, D]
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return F.normalize(emb, dim=-1) @ F.normalize(self.weight, dim=-1).T  # [B, C]

@@ -165,7 +165,7 @@ def image_quality(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[
         ``"psnr"``: mean over images of 10 * log10(1 / MSE) in dB; ``inf`` when an image is
         reproduced exactly. ``"ssim"``: torchmetrics' mean SSIM (1.0 for identical images).
     """
-    from torchmetrics.functional import structural_similarity_index_measure
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     if original.shape != reconstruction.shape or original.ndim != 4:
         raise ValueError(

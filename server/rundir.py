@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import pickle
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -129,8 +128,8 @@ class RunDirectory:
         for _, path in reversed(found):
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
-            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
-                continue  # a damaged newest checkpoint falls back to the one before
+            except Exception:  # noqa: BLE001 - any damage (truncation, garbage) falls back to the one before
+                continue
         return None
 
     def _flush(self) -> None:

@@ -7,6 +7,7 @@ Subcommands: ``simulate`` (a federation on this machine), ``scenarios`` (list na
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -165,9 +166,11 @@ def main() -> None:
 
     try:
         app()
-    except (ConfigError, DataError, RunDirError, PrivacyBudgetError, FileNotFoundError, KeyError) as exc:
+    except (ConfigError, DataError, RunDirError, PrivacyBudgetError, FileNotFoundError, KeyError, ValueError) as exc:
+        if os.environ.get("FACEFL_DEBUG"):
+            raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; completed rounds are checkpointed (resume with --resume RUN_DIR).")

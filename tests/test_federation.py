@@ -1,0 +1,83 @@
+"""Whole federations through `facefl simulate` (Flower's simulation engine, Ray) on real LFW faces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+FACEFL = [str(Path(sys.executable).with_name("facefl"))]
+
+
+def _facefl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(FACEFL + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def _ray_processes() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+@pytest.mark.slow
+def test_two_site_federation_on_lfw_trains_accounts_declines_and_resumes(lfw_root, cache_dir, tmp_path):
+    before = _ray_processes()
+    run = tmp_path / "run"
+    common = ["--set", f"cache-dir={cache_dir}", "--set", "max-identities=24", "--set", "eval-pairs=200",
+              "--set", "batch-size=16", "--set", "local-epochs=2", "--set", "eval-faces=32"]
+    done = _facefl("simulate", "--data", str(lfw_root), "--sites", "2", "--rounds", "2", "--task", "both",
+                   "--epsilon", "8", "--accountant", "rdp", "--out", str(run), *common)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "round 2/2" in done.stderr
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["run"]["status"] == "completed" and metrics["run"]["completed_rounds"] == 2
+    rounds = {r["round"]: r for r in metrics["rounds"]}
+    assert set(rounds) == {0, 1, 2}
+    for key in ("embedding/accuracy", "embedding/roc_auc", "embedding/tar@far=1e-1", "vae/psnr", "vae/ssim"):
+        assert all(key in rounds[r]["global"] for r in rounds), key
+    assert set(rounds[1]["sites"]) == set(rounds[2]["sites"]) == {"site-0", "site-1"}
+    for site in ("site-0", "site-1"):
+        r1, r2 = rounds[1]["sites"][site], rounds[2]["sites"][site]
+        assert r2["embedding-train-loss"] < r1["embedding-train-loss"], (site, r1, r2)
+        assert r2["vae-train-loss"] < r1["vae-train-loss"], (site, r1, r2)
+        assert 0 < r1["epsilon"] < r2["epsilon"] <= 8.0 + 1e-6
+        assert metrics["privacy"][site]["epsilon"] == pytest.approx(r2["epsilon"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round-0001.pt", "round-0002.pt"]
+    ckpt = torch.load(run / "checkpoints" / "round-0002.pt", weights_only=True)
+    assert ckpt["round"] == 2 and any(k.startswith("vae.") for k in ckpt["state_dict"])
+    assert (run / "sites" / "site-0" / "privacy_ledger.json").is_file()
+    assert not any(k.startswith("head") or "weight" == k for k in ckpt["state_dict"])  # heads stay at sites
+
+    # Resume for one more round: the budget was planned for 2 rounds, so both sites decline round 3,
+    # the run still completes, and the global model is unchanged.
+    more = _facefl("simulate", "--resume", str(run), "--rounds", "3")
+    assert more.returncode == 0, more.stdout + more.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    third = [r for r in metrics["rounds"] if r["round"] == 3][0]
+    assert set(third["declined"]) == {"site-0", "site-1"}
+    assert metrics["run"]["resumed"][0]["from_round"] == 2 and metrics["run"]["completed_rounds"] == 3
+    assert metrics["privacy"]["site-0"]["rounds_declined"] == 1
+    assert third["global"]["embedding/accuracy"] == pytest.approx(rounds[2]["global"]["embedding/accuracy"])
+    last = torch.load(run / "checkpoints" / "round-0003.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(last[k], ckpt["state_dict"][k]) for k in last)
+    assert _ray_processes() <= before, "facefl simulate left Ray processes running"
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    missing = _facefl("simulate", "--data", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert "Dataset path does not exist" in missing.stderr and str(tmp_path / "nowhere") in missing.stderr
+    assert "Traceback" not in missing.stderr
+    (tmp_path / "empty").mkdir()
+    empty = _facefl("simulate", "--data", str(tmp_path / "empty"))
+    assert empty.returncode == 2 and "identity folders" in empty.stderr
+    not_a_run = _facefl("simulate", "--resume", str(tmp_path))
+    assert not_a_run.returncode == 2 and "not a facefl run directory" in not_a_run.stderr
+    bad_key = _facefl("simulate", "--set", "num-round=3")
+    assert bad_key.returncode == 2 and "Unknown run-config key" in bad_key.stderr
+    triplet = _facefl("simulate", "--set", "loss=triplet")
+    assert triplet.returncode == 2 and "triplet" in triplet.stderr
