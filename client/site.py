@@ -100,10 +100,20 @@ def restore_state(site: Site, in_memory: SiteState) -> SiteState:
     return SiteState(ledger, head, disc)
 
 
+IMAGE_SKIPS = ("unreadable", "not-an-image", "no-face")
+IDENTITY_SKIPS = ("too-few-images", "missing-identity")
+
+
+def skipped_counts(faces: FaceSet) -> dict[str, float]:
+    """Inputs the site skipped while loading its data (bad files, no face, one-image people), for the run log."""
+    return {"skipped-images": float(sum(faces.skipped.get(k, 0) for k in IMAGE_SKIPS)),
+            "skipped-identities": float(sum(faces.skipped.get(k, 0) for k in IDENTITY_SKIPS))}
+
+
 def metric_keys(cfg: RunConfig) -> list[str]:
     """Keys every reply of a run carries (Flower requires the same keys from every site)."""
     keys = ["num-examples", "num-identities", "declined", "epsilon", "target-epsilon", "delta", "noise-multiplier",
-            "train-seconds"]
+            "train-seconds", "skipped-images", "skipped-identities"]
     if cfg.trains_embedding:
         keys += ["embedding-train-loss", "embedding-train-accuracy", "embedding-val-accuracy"]
     if cfg.trains_vae:
@@ -125,6 +135,7 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
     metrics.update({"num-examples": float(len(train)), "num-identities": float(train.num_identities),
                     "declined": 0.0, "epsilon": 0.0, "target-epsilon": cfg.target_epsilon if cfg.dp else 0.0,
                     "delta": 0.0, "noise-multiplier": 0.0})
+    metrics.update(skipped_counts(train))
 
     dp = None
     if cfg.dp:

@@ -120,6 +120,9 @@ class RunConfig:
             raise ConfigError(f"image-size must be a multiple of 16 between 48 and 160; got {self.image_size!r}.")
         if self.task in ("vae", "both") and self.image_size not in (64, 128):
             raise ConfigError(f"The VAE is built for image-size 64 or 128; got {self.image_size!r}.")
+        if self.model == "inception" and self.image_size < 96:
+            raise ConfigError(f"model=inception needs image-size of at least 96 (160 is its native size); got "
+                              f"{self.image_size}.")
         if self.target_delta >= 1.0:
             raise ConfigError(f"target-delta must be below 1 (and below 1/N for N examples); got {self.target_delta!r}.")
         if self.dp and self.loss == "triplet":

@@ -52,6 +52,7 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         return run.path
 
     data = eval_data(cfg)
+    run.metrics["run"]["evaluation"] = data.description
     strategy = build_strategy(cfg, reference, round_offset=start_round)
     if checkpoint and checkpoint.get("server_state"):
         strategy.load_server_state(checkpoint["server_state"])
