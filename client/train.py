@@ -41,10 +41,11 @@ class LocalResult:
 
 
 def _batches(loader, epochs: int):
-    """All batches of ``epochs`` passes over ``loader``, with expected warnings silenced."""
+    """(epoch, batch) for ``epochs`` passes over ``loader``, with expected warnings silenced."""
     with quiet_opacus():
-        for _ in range(epochs):
-            yield from loader
+        for epoch in range(epochs):
+            for batch in loader:
+                yield epoch, batch
 
 
 def _empty_batch_step(optimizer, dp: DPSettings | None) -> None:
@@ -153,10 +154,13 @@ def train_embedding(
     if dp is not None:
         model, optimizer, loader = _privatize(model, optimizer, loader, dp, gen)
     inner = model._module if dp is not None else model
-    steps, seen, total_loss, correct = 0, 0, 0.0, 0
+    last_epoch_started = False  # loss and accuracy are reported for the last local epoch
+    steps, seen, processed, total_loss, correct = 0, 0, 0, 0.0, 0
     start = time.perf_counter()
-    for images, labels in _batches(loader, epochs):
+    for epoch, (images, labels) in _batches(loader, epochs):
         steps += 1
+        if epoch == epochs - 1 and epochs > 1 and not last_epoch_started:
+            last_epoch_started, seen, total_loss, correct = True, 0, 0.0, 0
         if len(labels) == 0:
             _empty_batch_step(optimizer, dp)
             continue
@@ -177,6 +181,7 @@ def train_embedding(
         optimizer.step()
         _proximal_step(inner, anchor, lr, proximal_mu)
         seen += len(labels)
+        processed += len(labels)
         total_loss += float(batch_loss.detach()) * len(labels)
         correct += int((cosine.argmax(1) == labels).sum())
     elapsed = time.perf_counter() - start
@@ -185,7 +190,7 @@ def train_embedding(
             "train-loss": total_loss / max(seen, 1),
             "train-accuracy": correct / max(seen, 1),
             "steps": float(steps),
-            "images-per-second": seen / max(elapsed, 1e-9),
+            "images-per-second": processed / max(elapsed, 1e-9),
         }
     )
     if dp is not None:
@@ -246,11 +251,14 @@ def train_vae(
         if dp is not None:
             d_model, d_opt, d_loader = _privatize(discriminator, d_opt, d_loader, dp, gen)
     inner = model._module if dp is not None else model
-    steps, seen, total, d_total = 0, 0, 0.0, 0.0
+    steps, seen, processed, total, d_total = 0, 0, 0, 0.0, 0.0
     start = time.perf_counter()
-    d_batches = _batches(d_loader, epochs) if d_loader is not None else None
-    for images, _labels in _batches(loader, epochs):
+    d_batches = (b for _, b in _batches(d_loader, epochs)) if d_loader is not None else None
+    last_epoch_started = False  # the loss is reported for the last local epoch
+    for epoch, (images, _labels) in _batches(loader, epochs):
         steps += 1
+        if epoch == epochs - 1 and epochs > 1 and not last_epoch_started:
+            last_epoch_started, seen, total = True, 0, 0.0
         if d_batches is not None:
             d_total += _discriminator_step(d_model, d_opt, next(d_batches, None), inner, gen, augment, dp)
         if len(images) == 0:
@@ -272,13 +280,14 @@ def train_vae(
             _set_requires_grad(d_model, True)
         _proximal_step(inner, anchor, lr, proximal_mu)
         seen += len(images)
+        processed += len(images)
         total += float(batch_loss.detach()) * len(images)
     elapsed = time.perf_counter() - start
     result = LocalResult(
         metrics={
             "train-loss": total / max(seen, 1),
             "steps": float(steps),
-            "images-per-second": seen / max(elapsed, 1e-9),
+            "images-per-second": processed / max(elapsed, 1e-9),
         }
     )
     if discriminator is not None:

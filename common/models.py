@@ -67,6 +67,7 @@ def build_models(cfg: RunConfig, *, seed: int | None = None) -> FederatedModels:
             cfg.model,
             embedding_dim=cfg.embedding_dim,
             dp=cfg.dp,
+            image_size=cfg.image_size,
             weights_path=cfg.weights_path or None,
             weights_sha256=cfg.weights_sha256 or None,
         )

@@ -44,6 +44,7 @@ def partition_identities(
     scheme: str = "iid",
     alpha: float = 0.5,
     min_per_site: int = 2,
+    weights: dict[str, int] | None = None,
 ) -> list[list[str]]:
     """Assign every identity to exactly one of ``num_sites`` sites.
 
@@ -62,6 +63,9 @@ def partition_identities(
         Dirichlet concentration (used by ``"dirichlet"`` only).
     min_per_site : int
         Fewest identities any site may get.
+    weights : dict, optional
+        Images per identity. With ``"iid"`` the shuffled identities then go, one by one, to the site with the
+        fewest images so far, so sites get about the same number of examples, not just of people.
 
     Returns
     -------
@@ -78,6 +82,15 @@ def partition_identities(
         )
     rng = _rng(seed, "partition", scheme, str(num_sites))
     order = rng.permutation(len(names))
+    if scheme == "iid" and weights:
+        sites_w: list[list[str]] = [[] for _ in range(num_sites)]
+        totals = np.zeros(num_sites)
+        for i in order:
+            short = [j for j in range(num_sites) if len(sites_w[j]) < min_per_site]
+            k = min(short or range(num_sites), key=lambda j: (totals[j], j))
+            sites_w[k].append(names[i])
+            totals[k] += weights.get(names[i], 1)
+        return [sorted(x) for x in sites_w]
     if scheme == "iid":
         counts = np.full(num_sites, len(names) // num_sites)
         counts[: len(names) % num_sites] += 1

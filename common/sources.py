@@ -20,6 +20,7 @@ import torch
 
 from common.config import RunConfig
 from common.datasets import (
+    IMAGE_EXTENSIONS,
     DataError,
     is_lfw_root,
     lfw_train_identities,
@@ -96,7 +97,22 @@ def site_identities(cfg: RunConfig, site_index: int, num_sites: int) -> list[str
     names = training_identities(cfg)
     if not 0 <= site_index < num_sites:
         raise ValueError(f"Site index {site_index} is outside 0..{num_sites - 1}.")
-    return partition_identities(names, num_sites, cfg.seed, scheme=cfg.partition, alpha=cfg.dirichlet_alpha)[site_index]
+    return partition_identities(names, num_sites, cfg.seed, scheme=cfg.partition, alpha=cfg.dirichlet_alpha,
+                                weights=image_counts(cfg))[site_index]
+
+
+@functools.lru_cache(maxsize=8)
+def _image_counts(data: str) -> dict[str, int]:
+    root = Path(data)
+    if is_lfw_root(root):
+        return dict(read_people_file(root / "peopleDevTrain.txt"))
+    return {p.name: sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            for p in root.iterdir() if p.is_dir()}
+
+
+def image_counts(cfg: RunConfig) -> dict[str, int] | None:
+    """Images per identity, so that IID sites get about equal numbers of examples (None: all equal)."""
+    return _image_counts(cfg.data) if cfg.data else None
 
 
 def site_faces(cfg: RunConfig, site_index: int, num_sites: int, progress: bool = False) -> tuple[FaceSet, FaceSet]:

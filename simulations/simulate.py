@@ -13,8 +13,7 @@ import warnings
 from pathlib import Path
 
 from common.config import ConfigError, RunConfig
-from common.partition import partition_identities
-from common.sources import training_identities
+from common.sources import site_identities
 from server.rundir import default_run_dir, load_run_config
 
 
@@ -33,8 +32,7 @@ def prepare_config(cfg: RunConfig, *, num_sites: int, out: str | None = None, re
     cfg = cfg.replace(run_dir=str(run_dir.resolve()), min_sites=min(cfg.min_sites, num_sites),
                        data=str(Path(cfg.data).expanduser().resolve()) if cfg.data else "")
     # Fail fast, before any process starts: a missing or empty dataset, or too few people for the sites.
-    partition_identities(training_identities(cfg), num_sites, cfg.seed, scheme=cfg.partition,
-                         alpha=cfg.dirichlet_alpha)
+    site_identities(cfg, 0, num_sites)
     return cfg
 
 

@@ -81,3 +81,12 @@ def test_train_val_split_keeps_every_identity_in_training():
     assert set(train.labels.tolist()) == {0, 1, 2}
     assert val.labels.tolist().count(0) == 0 and val.labels.tolist().count(2) == 2
     assert train_val_split(faces, 0.2, seed=0)[1].paths == val.paths
+
+
+def test_iid_with_image_counts_balances_examples():
+    counts = {n: (40 if i % 10 == 0 else 2) for i, n in enumerate(NAMES)}  # a few people with many photos
+    sites = partition_identities(NAMES, 3, seed=0, weights=counts)
+    totals = [sum(counts[n] for n in s) for s in sites]
+    assert max(totals) - min(totals) <= 40 and min(len(s) for s in sites) >= 2
+    assert sorted(n for s in sites for n in s) == sorted(NAMES)
+    assert partition_identities(NAMES, 3, seed=0, weights=counts) == sites

@@ -58,7 +58,7 @@ def inception_dp() -> nn.Module:
 @pytest.mark.parametrize("size", [64, 112])
 def test_compact_validates_and_embeds_on_unit_sphere(size):
     torch.manual_seed(0)
-    model = CompactFaceNet(embedding_dim=128)
+    model = CompactFaceNet(embedding_dim=128, image_size=size)
     assert ModuleValidator.validate(model, strict=True) == []
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 3e6
     emb = model(torch.randn(3, 3, size, size))
@@ -66,9 +66,13 @@ def test_compact_validates_and_embeds_on_unit_sphere(size):
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
 
 
-def test_compact_rejects_indivisible_input_size():
+def test_compact_rejects_indivisible_or_unexpected_input_size():
     with pytest.raises(AssertionError, match="divisible by 8"):
         CompactFaceNet()(torch.randn(1, 3, 60, 60))
+    with pytest.raises(AssertionError, match="built for 64x64"):
+        CompactFaceNet()(torch.randn(1, 3, 72, 72))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        CompactFaceNet(image_size=60)
 
 
 def test_inception_needs_the_groupnorm_fix_for_dp(inception_dp):
