@@ -1,0 +1,75 @@
+"""Server-side aggregation with Flower's strategies: declined, failed and malformed replies are left out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.config import RunConfig
+from common.models import build_models
+from server.strategy import aggregate_site_metrics, build_strategy
+
+
+def _reply(node: int, name: str, state: dict, *, declined: bool = False, n: float = 100.0) -> Message:
+    instruction = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    metrics = {"num-examples": n, "declined": float(declined), "epsilon": float(node), "train-loss": 1.0 + node}
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
+                          "site": ConfigRecord({"name": name, "message": "budget spent" if declined else ""})})
+    return Message(content, reply_to=instruction)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _run_identity():
+    """Messages are stamped with the run they belong to; outside a running Flower process, name one."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_models(RunConfig(task="embedding", dp=False)).state_dict()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedadam"])
+def test_declined_and_hostile_updates_are_left_out(name, reference):
+    cfg = RunConfig(task="embedding", dp=False, strategy=name)
+    strategy = build_strategy(cfg, reference, round_offset=4)
+    if name == "fedadam":  # FedOpt remembers the arrays it sent in configure_train
+        strategy.current_arrays = {k: v.numpy() for k, v in reference.items()}
+    plus = lambda c: {k: v + c if v.is_floating_point() else v for k, v in reference.items()}  # noqa: E731
+    nan = plus(0.0)
+    nan[next(iter(nan))] = nan[next(iter(nan))] * float("nan")
+    wrong_shape = plus(0.0)
+    key = next(iter(wrong_shape))
+    wrong_shape[key] = wrong_shape[key][:1]
+    replies = [_reply(1, "a", plus(1.0)), _reply(2, "b", plus(3.0)), _reply(3, "c", plus(100.0), declined=True),
+               _reply(4, "d", nan), _reply(5, "e", wrong_shape)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    report = strategy.reports[5]  # absolute round = offset + round
+    assert set(report.declined) == {"c"} and set(report.rejected) == {"d", "e"}
+    assert set(report.sites) == {"a", "b", "c", "d", "e"}
+    assert metrics["num-sites"] == 2 and metrics["epsilon"] == 2.0  # max over the sites that were used
+    out = arrays.to_torch_state_dict()
+    if name in ("fedavg", "fedprox"):
+        for k, v in reference.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(out[k], v + 2.0)
+    else:  # FedAdam takes a server step towards the average
+        k = next(k for k, v in reference.items() if v.is_floating_point())
+        assert torch.all(out[k] > reference[k])
+
+
+def test_a_round_where_every_site_declines_keeps_the_model(reference):
+    strategy = build_strategy(RunConfig(task="embedding", dp=False), reference)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, "a", reference, declined=True)])
+    assert arrays is None and metrics is None and set(strategy.reports[1].declined) == {"a"}
+
+
+def test_site_metrics_are_weighted_and_epsilon_is_a_maximum():
+    records = [RecordDict({"m": MetricRecord({"num-examples": 1.0, "train-loss": 1.0, "epsilon": 5.0})}),
+               RecordDict({"m": MetricRecord({"num-examples": 3.0, "train-loss": 3.0, "epsilon": 2.0})})]
+    out = aggregate_site_metrics(records, "num-examples")
+    assert out["train-loss"] == pytest.approx(2.5) and out["epsilon"] == 5.0 and out["num-examples"] == 4.0
