@@ -148,7 +148,7 @@ def bench_train(
     epsilon: float = typer.Option(8.0, help="Per-site epsilon of the DP run."),
     max_identities: int = typer.Option(0, help="Use only this many training identities (0 = all)."),
     parts: str = typer.Option("dp-cost,view1,vae", help="Comma-separated: dp-cost, view1, vae."),
-    dp_batch_size: int = typer.Option(256, help="Batch size of the DP runs (DP-SGD wants large batches)."),
+    batch_size: int = typer.Option(256, help="Batch size of every training run (DP-SGD wants large batches)."),
     out: str = typer.Option("runs/bench", help="Folder for the benchmark's runs and its JSON summary."),
 ) -> None:
     """DP cost, LFW View-1 verification (centralized vs federated vs federated DP), VAE PSNR/SSIM."""
@@ -157,7 +157,7 @@ def bench_train(
     _setup_logging(False)
     run_bench(data=data, rounds=rounds, sites=sites, epsilon=epsilon, max_identities=max_identities,
               parts=[p.strip() for p in parts.split(",") if p.strip()], out=Path(out), console=Console(),
-              dp_batch_size=dp_batch_size)
+              batch_size=batch_size)
 
 
 def main() -> None:

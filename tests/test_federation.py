@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,33 +16,40 @@ import torch
 FACEFL = [str(Path(sys.executable).with_name("facefl"))]
 
 
+MARK = f"facefl-test-{uuid.uuid4().hex}"
+
+
 def _facefl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(FACEFL + list(args), capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "FACEFL_TEST_MARK": MARK}  # inherited by every process the command starts
+    return subprocess.run(FACEFL + list(args), capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _ray_processes() -> set[int]:
-    """Live (not zombie) Ray processes."""
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
-    found = set()
-    for line in out.splitlines():
-        pid, stat, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (line, "Z", "")
-        if not stat.startswith("Z") and any(k in args for k in ("raylet", "gcs_server", "ray::")):
-            found.add(int(pid))
+def _leftover_processes() -> list[int]:
+    """Live processes (not zombies) that a facefl command of this test started, found by their environment."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if MARK.encode() in (proc / "environ").read_bytes() and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
     return found
 
 
-def _no_new_ray_processes(before: set[int], wait: float = 15.0) -> bool:
+def _all_stopped(wait: float = 15.0) -> bool:
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if _ray_processes() <= before:
-            return True
+    while _leftover_processes():
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.5)
-    return False
+    return True
 
 
 @pytest.mark.slow
 def test_two_site_federation_on_lfw_trains_accounts_declines_and_resumes(lfw_root, cache_dir, tmp_path):
-    before = _ray_processes()
     run = tmp_path / "run"
     # A generous budget keeps the noise small enough for 2 short rounds on ~40 people to show learning;
     # the mechanism (clipping, noise, accounting, declines) is the same at any epsilon.
@@ -86,7 +95,7 @@ def test_two_site_federation_on_lfw_trains_accounts_declines_and_resumes(lfw_roo
     assert third["global"]["embedding/accuracy"] == pytest.approx(rounds[2]["global"]["embedding/accuracy"])
     last = torch.load(run / "checkpoints" / "round-0003.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(last[k], ckpt["state_dict"][k]) for k in last)
-    assert _no_new_ray_processes(before), "facefl simulate left Ray processes running"
+    assert _all_stopped(), f"facefl simulate left processes running: {_leftover_processes()}"
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
