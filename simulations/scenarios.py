@@ -21,14 +21,16 @@ SCENARIOS: dict[str, Scenario] = {
     "lfw-view1": Scenario(
         "LFW View 1: 4 sites share the peopleDevTrain identities (>= 2 images), verification on pairsDevTest, "
         "DP at epsilon 8.", sites=4,
-        config={"task": "embedding", "num-rounds": 10, "local-epochs": 1, "dp": True, "target-epsilon": 8.0}),
+        config={"task": "embedding", "num-rounds": 10, "local-epochs": 1, "dp": True, "target-epsilon": 8.0,
+                "batch-size": 256}),
     "lfw-view1-nodp": Scenario("LFW View 1 without DP (baseline for lfw-view1).", sites=4,
-                               config={"task": "embedding", "num-rounds": 10, "dp": False}),
+                               config={"task": "embedding", "num-rounds": 10, "dp": False, "batch-size": 256}),
     "lfw-noniid": Scenario("LFW, 8 sites of very unequal size (Dirichlet alpha 0.3), FedProx, DP.", sites=8,
                            config={"task": "embedding", "num-rounds": 10, "partition": "dirichlet",
-                                   "dirichlet-alpha": 0.3, "strategy": "fedprox", "proximal-mu": 0.01}),
+                                   "dirichlet-alpha": 0.3, "strategy": "fedprox", "proximal-mu": 0.01,
+                                   "batch-size": 128}),
     "lfw-vae": Scenario("Face VAE on LFW at 64x64, 4 sites, DP at epsilon 8.", sites=4,
-                        config={"task": "vae", "num-rounds": 10, "dp": True, "batch-size": 64}),
+                        config={"task": "vae", "num-rounds": 10, "dp": True, "batch-size": 256}),
     "hospital-budget": Scenario(
         "A small budget (epsilon 2) planned for 3 rounds but run for 5: sites decline once it is spent.",
         sites=3, config={"task": "embedding", "num-rounds": 5, "planned-rounds": 3, "target-epsilon": 2.0}),
