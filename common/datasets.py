@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from common.atomic import atomic_torch_save
 from common.faceset import FaceSet
 from common.preprocess import LFW_CROP_FRACTION, FaceAligner, center_crop_face
 
@@ -343,8 +343,7 @@ def _read_cache(path: Path, fingerprint: str, settings: dict, image_size: int) -
 
 
 def _write_cache(path: Path, faces: _Faces, fingerprint: str, settings: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (no fsync: a damaged cache file is recomputed)."""
     entry = {
         "settings": settings,
         "fingerprint": fingerprint,
@@ -352,14 +351,7 @@ def _write_cache(path: Path, faces: _Faces, fingerprint: str, settings: dict) ->
         "paths": faces.paths,
         "skipped": faces.skipped,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(entry, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(path, entry, durable=False)
 
 
 def _progress_bar(total: int, description: str):

@@ -24,6 +24,7 @@ from common.datasets import (
     DataError,
     is_lfw_root,
     lfw_train_identities,
+    list_identities,
     load_faces,
     load_lfw_pairs,
     read_people_file,
@@ -78,7 +79,7 @@ def training_identities(cfg: RunConfig) -> list[str]:
         if is_lfw_root(root):
             names = lfw_train_identities(root, min_images=2)
         else:
-            names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            names = list_identities(root)
             if len(names) < 4:
                 raise DataError(f"Found {len(names)} identity folders in {root}; need at least 4 "
                                 "(root/<identity>/<image>).")
@@ -106,8 +107,8 @@ def _image_counts(data: str) -> dict[str, int]:
     root = Path(data)
     if is_lfw_root(root):
         return dict(read_people_file(root / "peopleDevTrain.txt"))
-    return {p.name: sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-            for p in root.iterdir() if p.is_dir()}
+    return {name: sum(1 for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            for name in list_identities(root)}
 
 
 def image_counts(cfg: RunConfig) -> dict[str, int] | None:
@@ -150,8 +151,7 @@ def eval_data(cfg: RunConfig, progress: bool = False) -> EvalData:
         desc = f"synthetic held-out identities ({len(held)})"
     else:
         root = _check_root(cfg.data)
-        names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        _, held = split_heldout_identities(names, cfg.heldout_fraction, cfg.seed)
+        _, held = split_heldout_identities(list_identities(root), cfg.heldout_fraction, cfg.seed)
         held_set = load_faces(root, image_size=cfg.image_size, identities=held, min_images=1,
                               cache_dir=_cache_dir(cfg), progress=progress)
         desc = f"{root.name}: held-out identities ({held_set.num_identities})"

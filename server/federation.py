@@ -43,7 +43,8 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         run = RunDirectory.create(cfg.run_dir or default_run_dir(), cfg)
     start_round = checkpoint["round"] if checkpoint else 0
     state = checkpoint["state_dict"] if checkpoint else reference
-    models.load_state_dict(state)
+    if checkpoint:
+        models.load_state_dict(state)
     remaining = cfg.num_rounds - start_round
     log.info("facefl run directory: %s (starting after round %d, %d rounds to go)", run.path.resolve(), start_round,
              remaining)

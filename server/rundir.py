@@ -82,8 +82,8 @@ class RunDirectory:
         info.setdefault("resumed", []).append({"at": _now(), "from_round": done})
         if ckpt:
             run.metrics["privacy"] = ckpt.get("privacy", {})
-        atomic_write_json(run.path / CONFIG_FILE, {**json.loads((run.path / CONFIG_FILE).read_text()),
-                                                   "config": cfg.to_mapping()})
+        saved = json.loads((run.path / CONFIG_FILE).read_text())
+        atomic_write_json(run.path / CONFIG_FILE, {**saved, "config": cfg.to_mapping()})
         run._flush()
         return run, ckpt
 
