@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 from client.privacy import PrivacyLedger
 from client.site import RoundResult, Site, SiteState, run_round
 from common.config import RunConfig
+from common.egress import array_signature, check_reply
 
 log = logging.getLogger("facefl.client")
 
@@ -66,6 +67,9 @@ def train_round(msg: Message, context: Context, cfg: RunConfig) -> Message:
         "metrics": MetricRecord(result.metrics),
         "site": ConfigRecord({"name": site.name, "message": result.message}),
     })
+    # Every reply passes the egress check: exactly the model arrays the server sent, and no image that did not
+    # come through the anonymization gate.
+    check_reply(content, sent_arrays=array_signature(global_arrays))
     return Message(content=content, reply_to=msg)
 
 

@@ -1,7 +1,8 @@
 """``facefl``: the one command-line entry point.
 
 Subcommands: ``simulate`` (a federation on this machine), ``scenarios`` (list named scenarios), ``data prepare``
-(preprocess and cache a face dataset), ``bench train`` (DP cost and LFW View-1 benchmark).
+(preprocess and cache a face dataset), ``anonymize`` (stylize the faces in photos), ``style list|train|export``
+(stylizers), ``bench train`` (DP cost and LFW View-1) and ``bench anonymize`` (re-identification with dlib).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Face datasets: preprocess and cache.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print their figures.")
 app.add_typer(data_app, name="data")
+style_app = typer.Typer(no_args_is_help=True, help="Style transfer for anonymization: train, list, export.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(style_app, name="style")
 console = Console(stderr=True)
 
 
@@ -160,15 +163,171 @@ def bench_train(
               batch_size=batch_size)
 
 
+_STYLE_HELP = "A named style (see `facefl style list`) or the path of a painting."
+
+
+@app.command()
+def anonymize(
+    paths: list[str] = typer.Argument(..., help="Image files and folders to anonymize (never modified)."),
+    out: str = typer.Option(..., "--out", help="Output folder (created; structure of input folders kept)."),
+    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    strength: float = typer.Option(1.0, help="0 < S <= 1: blend of stylized and original face (1 = full style)."),
+    method: str = typer.Option("style", help="style (fast stylizer) | gatys (slow optimisation) | blur | pixelate."),
+    no_face: str = typer.Option("whole", help="When no face is found: whole (stylize everything) | refuse | pass."),
+    width: str = typer.Option("half", help="Stylizer width: half (phones) | full."),
+    stylizer: Optional[str] = typer.Option(None, help="A trained stylizer .pt (with its .json) instead of --style."),
+    sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of --stylizer (default: from its .json)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="Check every face with dlib; a face still matched is not written."),
+    styles_dir: Optional[str] = typer.Option(None, help="Folder of style paintings (default ../shared/data/styles)."),
+    data: Optional[str] = typer.Option(None, help="Faces to train a missing stylizer on (default: LFW if present)."),
+) -> None:
+    """Stylize every face in photos so they can be shared; reports faces found and re-identification scores."""
+    from common.egress import EgressGate
+    from simulations.anonymize_files import anonymize_files, summary_line
+    from simulations.stylize import build_anonymizer, default_recognizer
+
+    _setup_logging(False)
+    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+    anonymizer = build_anonymizer(method=method, style=style, strength=strength, no_face=no_face, width=width,
+                                  styles_dir=styles_dir, data=data or _default_lfw(), stylizer=stylizer,
+                                  stylizer_sha256=sha256, log=log)
+    recognizer = default_recognizer(log) if verify else None
+    gate = EgressGate(anonymizer, recognizer, site="this device") if recognizer is not None and no_face != "pass" \
+        else None
+
+    def report(o) -> None:
+        faces = ", ".join(f"score {f['score']:.2f}" + (f" dlib distance {f['reid_distance']:.2f}"
+                                                      if f.get("reid_distance") is not None else "")
+                          for f in o.faces)
+        where = f" -> {o.output}" if o.output else ""
+        log(f"{o.status:11s} {o.source}{where}: {o.message}" + (f" [{faces}]" if faces else ""))
+
+    summary = anonymize_files(paths, out, anonymizer=anonymizer, gate=gate, report=report)
+    console.print(summary_line(summary) + f"; report in {Path(out) / 'anonymize-report.json'}")
+    if summary["errors"] or summary["refused"]:
+        raise typer.Exit(1)
+
+
+def _default_lfw() -> Optional[str]:
+    from common.styles import default_styles_dir
+
+    lfw = default_styles_dir().parent / "lfw"
+    return str(lfw) if (lfw / "peopleDevTrain.txt").is_file() else None
+
+
+@style_app.command("list")
+def style_list(styles_dir: Optional[str] = typer.Option(None, help="Folder of style paintings.")) -> None:
+    """The named styles, whether their paintings are found, and the trained stylizers in the cache."""
+    from common.styles import NAMED_STYLES, StyleError, cached_stylizers, resolve_style
+
+    table = Table(title="Named styles (public-domain paintings)")
+    for col in ("name", "painting", "file"):
+        table.add_column(col)
+    for name, st in NAMED_STYLES.items():
+        try:
+            where = str(resolve_style(name, styles_dir)[1])
+        except StyleError:
+            where = "not found (pass --styles-dir)"
+        table.add_row(name, st.title, where)
+    Console().print(table)
+    cached = cached_stylizers()
+    table = Table(title="Trained stylizers in the cache")
+    for col in ("style", "width", "steps", "identity model", "path"):
+        table.add_column(col)
+    for meta in cached:
+        table.add_row(str(meta.get("style")), str(meta.get("width")), str(meta.get("settings", {}).get("steps")),
+                      str(meta.get("identity_model", ""))[:40], meta["path"])
+    Console().print(table if cached else "no trained stylizers yet (`facefl style train` or first use trains one)")
+
+
+@style_app.command("train")
+def style_train(
+    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    data: Optional[str] = typer.Option(None, help="Identity-folder faces to train on (LFW: peopleDevTrain only). "
+                                       "Default: LFW beside the project if present, else synthetic faces."),
+    width: str = typer.Option("half", help="half (phones, fastest) | full."),
+    steps: int = typer.Option(1500, help="Training steps."),
+    batch_size: int = typer.Option(4, help="Faces per step."),
+    image_size: int = typer.Option(128, help="Training (and working) size of face regions."),
+    style_weight: Optional[float] = typer.Option(None, help="Weight of the style (Gram) loss."),
+    identity_weight: Optional[float] = typer.Option(None, help="Weight of the identity term (0 turns it off)."),
+    identity: str = typer.Option("auto", help="auto (train a CompactFaceNet once, cached) | none | RUN_DIR."),
+    out: Optional[str] = typer.Option(None, help="Write <out>.pt/.json here instead of the cache."),
+    styles_dir: Optional[str] = typer.Option(None, help="Folder of style paintings."),
+) -> None:
+    """Train a fast feed-forward stylizer for one style (random-feature perceptual loss + identity term)."""
+    import dataclasses
+
+    from common.style_train import StyleTrainSettings
+    from simulations.stylize import ensure_stylizer
+
+    _setup_logging(False)
+    overrides = {"steps": steps, "batch_size": batch_size, "image_size": image_size}
+    if style_weight is not None:
+        overrides["style_weight"] = style_weight
+    if identity_weight is not None:
+        overrides["identity_weight"] = identity_weight
+    settings = dataclasses.replace(StyleTrainSettings(), **overrides)
+    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+    _, meta, path = ensure_stylizer(style, width=width, styles_dir=styles_dir, data=data or _default_lfw(),
+                                    settings=settings, identity=identity, out=out, retrain=True, log=log)
+    console.print(f"stylizer for {meta['style']!r} ({width}) written to {path} (sha256 {meta['sha256'][:16]}...)")
+
+
+@style_app.command("export")
+def style_export(
+    out: str = typer.Option(..., "--out", help="Folder for the exported files."),
+    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    width: str = typer.Option("half", help="half | full."),
+    stylizer: Optional[str] = typer.Option(None, help="A trained stylizer .pt (with its .json) instead of --style."),
+    sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of --stylizer."),
+    styles_dir: Optional[str] = typer.Option(None, help="Folder of style paintings."),
+) -> None:
+    """Export a stylizer as TorchScript and ONNX for phones and edge boxes (each checked against PyTorch)."""
+    from common.styles import load_stylizer
+    from simulations.stylize import ensure_stylizer, export_stylizer
+
+    _setup_logging(False)
+    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+    if stylizer:
+        model, meta = load_stylizer(stylizer, sha256)
+    else:
+        model, meta, _ = ensure_stylizer(style, width=width, styles_dir=styles_dir, data=_default_lfw(), log=log)
+    written = export_stylizer(model, meta, out)
+    for key, value in written.items():
+        console.print(f"{key}: {value}")
+
+
+@bench_app.command("anonymize")
+def bench_anonymize(
+    data: str = typer.Option(..., help="LFW root (with pairsDevTest.txt)."),
+    people: int = typer.Option(150, help="LFW test people (>= 100 for the reported figures)."),
+    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    strengths: str = typer.Option("0.5,0.75,1.0", help="Comma-separated strengths for the privacy/fidelity curve."),
+    gatys_people: int = typer.Option(0, help="Also run Gatys optimisation on this many people (slow)."),
+    out: str = typer.Option("runs/bench-anonymize", help="Folder for the JSON summary."),
+) -> None:
+    """Re-identification (dlib), detection and landmark retention, and speed: style transfer vs blur/pixelation."""
+    from simulations.bench_style import run_style_bench
+
+    _setup_logging(False)
+    run_style_bench(data=data, people=people, style=style,
+                    strengths=[float(s) for s in strengths.split(",") if s.strip()], gatys_people=gatys_people,
+                    out=Path(out), console=Console())
+
+
 def main() -> None:
     """Console-script entry point: known errors become one line on stderr and exit status 2."""
     from client.privacy import PrivacyBudgetError
     from common.datasets import DataError
+    from common.styles import StyleError
     from server.rundir import RunDirError
 
     try:
         app()
-    except (ConfigError, DataError, RunDirError, PrivacyBudgetError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (ConfigError, DataError, RunDirError, PrivacyBudgetError, StyleError, FileNotFoundError, KeyError,
+            ValueError) as exc:
         if os.environ.get("FACEFL_DEBUG"):
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
