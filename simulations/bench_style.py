@@ -64,7 +64,7 @@ def end_to_end_speed(anonymizer: Anonymizer, photos: list[Image.Image], repeats:
 
 
 def run_style_bench(*, data: str, people: int, style: str, strengths: list[float], gatys_people: int, out: Path,
-                    console: Console, styles_dir: str | None = None) -> dict:
+                    console: Console, styles_dir: str | None = None, stylizers: list[str] | None = None) -> dict:
     from common.preprocess import FaceAligner
     from common.recognizer import DlibRecognizer
     from common.reid import gaussian_blur, identity_transform, pixelate
@@ -73,9 +73,18 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
 
     out.mkdir(parents=True, exist_ok=True)
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
-    model, meta, path = ensure_stylizer(style, width="half", styles_dir=styles_dir, data=data, log=log)
-    summary: dict = {"stylizer": str(path), "style": meta.get("style"), "training": meta.get("settings"),
-                     "identity_model": meta.get("identity_model"), "torch_threads": torch.get_num_threads()}
+    from common.styles import load_stylizer
+
+    if stylizers:
+        loaded = [(*load_stylizer(p), Path(p)) for p in stylizers]
+    else:
+        loaded = [ensure_stylizer(style, width="half", styles_dir=styles_dir, data=data, log=log)]
+    model, meta, path = loaded[0]
+    summary: dict = {"stylizers": [{"path": str(p), "style": m.get("style"), "training": m.get("settings"),
+                                    "identity_model": m.get("identity_model"),
+                                    "final_losses": {k: v for k, v in m.get("history", {}).items()
+                                                     if k.startswith("final_")}}
+                                   for _, m, p in loaded], "torch_threads": torch.get_num_threads()}
 
     # 1. Speed.
     speed = {}
@@ -107,6 +116,9 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
         return transform
 
     style_anon = Anonymizer(StyleFilter(model, work_size=work), whole_image=WholeImageStyle(model), detector=detector)
+    style_anons = [(Path(p).stem, Anonymizer(StyleFilter(m, work_size=int(mt.get("work_size", 128))),
+                                             whole_image=WholeImageStyle(m), detector=detector))
+                   for m, mt, p in loaded]
     transforms = [
         ("none", identity_transform),
         ("blur r8, whole image", gaussian_blur(8)),
@@ -114,9 +126,18 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
         ("blur, face region", anonymizer_transform(Anonymizer(BlurFilter(0.08), detector=detector))),
         ("pixelate 8x8, face region", anonymizer_transform(Anonymizer(PixelateFilter(8), detector=detector))),
     ]
-    for s in strengths:
-        transforms.append((f"style {meta.get('style')} s={s:g}", anonymizer_transform(style_anon, s)))
-    reports = run_anonymize_bench(lfw_root=data, people=people, transforms=transforms, console=console)
+    for label, anon in style_anons:
+        for s in strengths:
+            transforms.append((f"{label} s={s:g}", anonymizer_transform(anon, s)))
+    # MTCNN under two threads on a busy 2-core machine slows down 50x; one thread is steady. Any MTCNN detection
+    # counts as "still found" (the protocol of the reference figures).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reports = run_anonymize_bench(lfw_root=data, people=people, transforms=transforms, console=console,
+                                      detect_min_score=0.0)
+    finally:
+        torch.set_num_threads(threads)
     summary["reid"] = reports_to_json(reports)
     summary["recognizer"] = DlibRecognizer.name if hasattr(DlibRecognizer, "name") else "dlib"
     if gatys_people:
@@ -124,7 +145,8 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
 
         gatys = Anonymizer(GatysFilter(load_style_image(meta["style_file"]), steps=150, work_size=work),
                            detector=detector)
-        g_reports = run_anonymize_bench(lfw_root=data, people=gatys_people, console=console, transforms=[
+        g_reports = run_anonymize_bench(lfw_root=data, people=gatys_people, console=console, detect_min_score=0.0,
+                                        transforms=[
             ("none", identity_transform), ("gatys s=1", anonymizer_transform(gatys)),
             (f"style s=1 (same {gatys_people} people)", anonymizer_transform(style_anon, 1.0))])
         summary["reid_gatys"] = reports_to_json(g_reports)

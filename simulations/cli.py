@@ -255,6 +255,9 @@ def style_train(
     identity: str = typer.Option("auto", help="auto (train a CompactFaceNet once, cached) | none | RUN_DIR."),
     out: Optional[str] = typer.Option(None, help="Write <out>.pt/.json here instead of the cache."),
     styles_dir: Optional[str] = typer.Option(None, help="Folder of style paintings."),
+    vgg19: Optional[str] = typer.Option(None, help="Local torchvision VGG19 weights for the perceptual loss "
+                                        "(default: a fixed random-weight network; nothing is downloaded)."),
+    vgg19_sha256: Optional[str] = typer.Option(None, help="SHA-256 of --vgg19 (required with it)."),
 ) -> None:
     """Train a fast feed-forward stylizer for one style (random-feature perceptual loss + identity term)."""
     import dataclasses
@@ -271,7 +274,8 @@ def style_train(
     settings = dataclasses.replace(StyleTrainSettings(), **overrides)
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
     _, meta, path = ensure_stylizer(style, width=width, styles_dir=styles_dir, data=data or _default_lfw(),
-                                    settings=settings, identity=identity, out=out, retrain=True, log=log)
+                                    settings=settings, identity=identity, out=out, retrain=True, log=log,
+                                    vgg19=vgg19, vgg19_sha256=vgg19_sha256)
     console.print(f"stylizer for {meta['style']!r} ({width}) written to {path} (sha256 {meta['sha256'][:16]}...)")
 
 
@@ -306,6 +310,8 @@ def bench_anonymize(
     style: str = typer.Option("starry-night", help=_STYLE_HELP),
     strengths: str = typer.Option("0.5,0.75,1.0", help="Comma-separated strengths for the privacy/fidelity curve."),
     gatys_people: int = typer.Option(0, help="Also run Gatys optimisation on this many people (slow)."),
+    stylizer: list[str] = typer.Option([], help="Trained stylizer .pt files to measure instead of --style's "
+                                       "(repeatable; each gets the strength curve)."),
     out: str = typer.Option("runs/bench-anonymize", help="Folder for the JSON summary."),
 ) -> None:
     """Re-identification (dlib), detection and landmark retention, and speed: style transfer vs blur/pixelation."""
@@ -314,7 +320,7 @@ def bench_anonymize(
     _setup_logging(False)
     run_style_bench(data=data, people=people, style=style,
                     strengths=[float(s) for s in strengths.split(",") if s.strip()], gatys_people=gatys_people,
-                    out=Path(out), console=Console())
+                    stylizers=stylizer, out=Path(out), console=Console())
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import io
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -89,22 +90,39 @@ def training_faces(data: str | None, *, image_size: int, count: int, seed: int =
 
 class IdentityProbe(nn.Module):
     """Wraps an embedding network for the stylizer's identity term: takes a face region in [-1, 1] framed like
-    the anonymizer's (any size), crops the tight face the network was trained on, resizes, embeds."""
+    the anonymizer's (any size), crops the tight face the network was trained on, resizes, embeds, and centres.
+
+    Centring: a small model trained briefly puts every face in a narrow cone (cosine similarity > 0.999 between
+    any two people), so the raw cosine says nothing. Subtracting the mean embedding of the training faces
+    (``center``) and re-normalising makes cosine similarities between people spread over [-1, 1]."""
 
     def __init__(self, model: nn.Module, *, image_size: int = IDENTITY_IMAGE_SIZE,
-                 crop: float = LFW_CROP_FRACTION / TRAIN_CROP_FRACTION) -> None:
+                 crop: float = LFW_CROP_FRACTION / TRAIN_CROP_FRACTION, center: torch.Tensor | None = None) -> None:
         super().__init__()
         self.model, self.image_size, self.crop = model.eval(), image_size, crop
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.register_buffer("center", center if center is not None else torch.zeros(0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         ch, cw = max(8, round(h * self.crop)), max(8, round(w * self.crop))
         top, left = (h - ch) // 2, (w - cw) // 2
         x = x[..., top : top + ch, left : left + cw]
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return self.model(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.embed(x)
+        return F.normalize(e - self.center, dim=1) if self.center.numel() else e
+
+    @torch.no_grad()
+    def fit_center(self, faces: torch.Tensor, batch_size: int = 256) -> "IdentityProbe":
+        """Set ``center`` to the mean embedding of ``faces`` (uint8 ``[N, 3, S, S]``, framed like the regions)."""
+        embs = [self.embed(faces[i : i + batch_size].float().div(255.0).mul(2.0).sub(1.0))
+                for i in range(0, len(faces), batch_size)]
+        self.center = torch.cat(embs).mean(0)
+        return self
 
 
 def _identity_from_run(run_dir: Path) -> tuple[nn.Module, str]:
@@ -182,8 +200,8 @@ def identity_model(source: str, data: str | None, *, epochs: int = 4, log: Calla
 
 def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None = None, data: str | None = None,
                     settings=None, identity: str = "auto", out: str | None = None, retrain: bool = False,
-                    faces_count: int = 3000, log: Callable[[str], None] = print
-                    ) -> tuple[nn.Module, dict, Path]:
+                    faces_count: int = 3000, vgg19: str | None = None, vgg19_sha256: str | None = None,
+                    log: Callable[[str], None] = print) -> tuple[nn.Module, dict, Path]:
     """Load the stylizer for ``style`` from the cache (or ``out``), training it first when it is not there.
 
     Returns the model (eval mode), its description and the path of its weights."""
@@ -191,7 +209,8 @@ def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None =
 
     settings = settings or StyleTrainSettings()
     name, style_path = resolve_style(style, styles_dir)
-    settings_key = {**dataclasses.asdict(settings), "identity": identity,
+    settings_key = {**dataclasses.asdict(settings), "identity": identity, "identity_centered": True,
+                    "vgg19": vgg19_sha256 if vgg19 else None,
                     "data": str(Path(data).expanduser().resolve()) if data else "synthetic"}
     stem = Path(out).expanduser() if out else stylizer_cache_dir() / stylizer_stem(style_path, width, settings_key)
     if stem.suffix in (".pt", ".json"):
@@ -208,6 +227,8 @@ def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None =
     faces, faces_desc = training_faces(data, image_size=settings.image_size, count=faces_count, seed=settings.seed)
     log(f"training faces: {faces_desc}")
     probe, probe_desc = identity_model(identity, data, log=log)
+    if probe is not None:
+        probe.fit_center(faces[:1024])
     log(f"identity model: {probe_desc}")
     start = time.perf_counter()
 
@@ -216,12 +237,16 @@ def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None =
             parts = " ".join(f"{k} {v:.3g}" for k, v in losses.items() if isinstance(v, float))
             log(f"  step {step}/{total} ({time.perf_counter() - start:.0f} s) {parts}")
 
+    from common.perceptual import build_feature_net
+
+    feature_net = build_feature_net(vgg19, vgg19_sha256) if vgg19 else None
     model, history = train_stylizer(style_img, faces, settings=settings, width=width, identity_model=probe,
-                                    identity_size=settings.image_size, progress=progress)
+                                    feature_net=feature_net, identity_size=settings.image_size, progress=progress)
     meta = {"style": name, "style_file": str(style_path), "style_sha256": sha256_file(style_path),
             "width": width, "settings": dataclasses.asdict(settings), "training_faces": faces_desc,
-            "identity_model": probe_desc, "history": history, "seconds": round(time.perf_counter() - start, 1),
-            "work_size": settings.image_size}
+            "identity_model": probe_desc, "history": history,
+            "feature_net": f"VGG19 {vgg19} (sha256 {vgg19_sha256})" if vgg19 else "random multi-scale (seed 0)",
+            "seconds": round(time.perf_counter() - start, 1), "work_size": settings.image_size}
     path = save_stylizer(stem, model, meta)
     log(f"stylizer saved to {path}")
     return model.eval(), json.loads(stem.with_suffix(".json").read_text()), path
@@ -280,7 +305,9 @@ def export_stylizer(model: nn.Module, meta: dict, out_dir: str | Path, *, onnx: 
     with torch.inference_mode():
         reference = model(example)
     written: dict = {"input": f"float32 [N, 3, H, W] RGB in [0, 1] (trained at {size}x{size}); output the same"}
-    scripted = torch.jit.script(model)
+    with warnings.catch_warnings():  # torch 2.14 calls TorchScript deprecated; phones' runtimes still load it
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(model)
     buf = io.BytesIO()
     torch.jit.save(scripted, buf)
     ts_path = out / f"{stem}.torchscript.pt"
@@ -297,10 +324,12 @@ def export_stylizer(model: nn.Module, meta: dict, out_dir: str | Path, *, onnx: 
             written["onnx_note"] = "onnx is not installed: pip install 'facefl[export]' to also write ONNX"
         else:
             onnx_buf = io.BytesIO()
-            torch.onnx.export(model, (example,), onnx_buf, dynamo=False, input_names=["image"],
-                              output_names=["stylized"], opset_version=17,
-                              dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
-                                            "stylized": {0: "batch", 2: "height", 3: "width"}})
+            with warnings.catch_warnings():  # the TorchScript-based exporter's notes on tracing and folding
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), onnx_buf, dynamo=False, input_names=["image"],
+                                  output_names=["stylized"], opset_version=17,
+                                  dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                                "stylized": {0: "batch", 2: "height", 3: "width"}})
             onnx_path = out / f"{stem}.onnx"
             atomic_write_bytes(onnx_path, onnx_buf.getvalue())
             written["onnx"] = str(onnx_path)

@@ -268,3 +268,16 @@ def test_cli_anonymize_files(trained_stylizer, faces_dir, tmp_path):
                            "--out", str(out), "--method", "blur"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "no such file" in proc.stderr
+
+
+def test_many_faces_in_one_image(anonymizer, lfw_root):
+    people = sorted(p for p in lfw_root.iterdir() if p.is_dir())[:40:10]  # four different people
+    tiles = [_open(sorted(p.glob("*.jpg"))[0]) for p in people]
+    collage = Image.new("RGB", (500, 500))
+    for i, tile in enumerate(tiles):
+        collage.paste(tile, ((i % 2) * 250, (i // 2) * 250))
+    result = anonymizer(collage)
+    assert result.action == "faces" and len(result.faces) >= 4
+    for i in range(4):  # every person's face centre is changed
+        cx, cy = (i % 2) * 250 + 125, (i // 2) * 250 + 125
+        assert _box_change(result.image, collage, (cx - 30, cy - 30, cx + 30, cy + 30))[0] > 0.05
