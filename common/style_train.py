@@ -41,6 +41,9 @@ _FINAL_WINDOW = 10  # "final_*" losses are averaged over this many last steps
 _RESIZE_CHUNK = 256  # faces resized per interpolate call
 
 
+STRUCTURE_LANDMARK_SCALE = 0.02  # landmark error (fraction of the face box) that costs as much as a lost face
+
+
 @dataclass(frozen=True)
 class StyleTrainSettings:
     """Optimisation settings for :func:`train_stylizer`.
@@ -73,6 +76,9 @@ class StyleTrainSettings:
         Seed of the model initialisation, batch order and flips.
     identity_margin : float, default 0.0
         Cosine similarity in [-1, 1] below which the identity term stops pushing.
+    structure_weight : float, default 1.0
+        Weight of the face-structure term (the stylized face must still be found by the detector, with its
+        landmarks where they were); used only when a structure model is passed.
     """
 
     steps: int = 1500
@@ -85,6 +91,7 @@ class StyleTrainSettings:
     tv_weight: float = 1.0
     seed: int = 0
     identity_margin: float = 0.0
+    structure_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -97,7 +104,7 @@ class StyleTrainSettings:
             )
         if not _finite(self.lr) or self.lr <= 0:
             raise ValueError(f"StyleTrainSettings.lr should be a finite positive number, got {self.lr!r}.")
-        for name in ("style_weight", "content_weight", "identity_weight", "tv_weight"):
+        for name in ("style_weight", "content_weight", "identity_weight", "tv_weight", "structure_weight"):
             value = getattr(self, name)
             if not _finite(value) or value < 0:
                 raise ValueError(f"StyleTrainSettings.{name} should be a finite non-negative number, got {value!r}.")
@@ -196,6 +203,7 @@ def train_stylizer(
     feature_net: nn.Module | None = None,
     identity_model: nn.Module | None = None,
     identity_size: int = 64,
+    structure_model: nn.Module | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> tuple[StyleNet, dict]:
     """Train a :class:`StyleNet` that renders face crops in the style of one painting.
@@ -221,6 +229,12 @@ def train_stylizer(
         identity term.
     identity_size : int, default 64
         Side the images are resized to before the identity model.
+    structure_model : nn.Module or None
+        Maps face crops ``[B, 3, S, S]`` in [0, 1] to ``(landmarks [B, 10], face probability [B])``, e.g.
+        MTCNN's ONet behind a crop (``simulations.stylize.StructureProbe``). The structure term is
+        ``-log p(face | stylized) + mean((landmarks(stylized) - landmarks(original)) / 0.02) ** 2``: the
+        face must stay detectable and its landmarks in place (0.02 of the box is about 5% of the
+        inter-ocular distance). Frozen like the identity model.
     progress : callable or None
         ``progress(step, total, losses)`` every 10 steps and at the last step; ``losses`` holds the
         current step's ``total``, ``content``, ``style``, ``tv`` (unweighted terms) and, with an
@@ -267,6 +281,9 @@ def train_stylizer(
         stack.enter_context(frozen(feature_net))
         if use_identity:
             stack.enter_context(frozen(identity_model))
+        use_structure = structure_model is not None
+        if use_structure:
+            stack.enter_context(frozen(structure_model))
         target_grams = style_grams(feature_net, style_img)  # [1, C, C] per style layer
         style_layers = tuple(feature_net.style_layers)
         content_layer = int(feature_net.content_layer)
@@ -278,6 +295,7 @@ def train_stylizer(
             with torch.no_grad():
                 target_features = feature_net(x)
                 target_emb = identity_embeddings(identity_model, x, identity_size) if use_identity else None
+                target_landmarks = structure_model(x)[0] if use_structure else None
             y = model(x)  # [B, 3, S, S]
             features = feature_net(y)
             terms = {
@@ -298,6 +316,12 @@ def train_stylizer(
                 terms["identity_cosine"] = cosine.detach().mean()
                 if settings.identity_weight > 0:
                     total = total + settings.identity_weight * terms["identity"]
+            if use_structure:
+                landmarks, face_prob = structure_model(y)
+                shift = ((landmarks - target_landmarks) / STRUCTURE_LANDMARK_SCALE).pow(2).mean()
+                terms["structure"] = -torch.log(face_prob.clamp_min(1e-6)).mean() + shift
+                terms["landmark_shift"] = shift.detach().sqrt() * STRUCTURE_LANDMARK_SCALE
+                total = total + settings.structure_weight * terms["structure"]
             if not torch.isfinite(total):
                 raise RuntimeError(
                     f"The style-transfer loss became {float(total)} at step {step} "

@@ -247,11 +247,13 @@ def style_train(
     data: Optional[str] = typer.Option(None, help="Identity-folder faces to train on (LFW: peopleDevTrain only). "
                                        "Default: LFW beside the project if present, else synthetic faces."),
     width: str = typer.Option("half", help="half (phones, fastest) | full."),
-    steps: int = typer.Option(1500, help="Training steps."),
+    steps: int = typer.Option(900, help="Training steps."),
     batch_size: int = typer.Option(4, help="Faces per step."),
     image_size: int = typer.Option(128, help="Training (and working) size of face regions."),
-    style_weight: Optional[float] = typer.Option(None, help="Weight of the style (Gram) loss."),
+    style_weight: Optional[float] = typer.Option(None, help="Weight of the style (Gram) loss (default 30)."),
     identity_weight: Optional[float] = typer.Option(None, help="Weight of the identity term (0 turns it off)."),
+    structure_weight: Optional[float] = typer.Option(None, help="Weight of the face-structure term (MTCNN must "
+                                                     "still find the face, landmarks in place; 0 turns it off)."),
     identity: str = typer.Option("auto", help="auto (train a CompactFaceNet once, cached) | none | RUN_DIR."),
     out: Optional[str] = typer.Option(None, help="Write <out>.pt/.json here instead of the cache."),
     styles_dir: Optional[str] = typer.Option(None, help="Folder of style paintings."),
@@ -260,10 +262,7 @@ def style_train(
     vgg19_sha256: Optional[str] = typer.Option(None, help="SHA-256 of --vgg19 (required with it)."),
 ) -> None:
     """Train a fast feed-forward stylizer for one style (random-feature perceptual loss + identity term)."""
-    import dataclasses
-
-    from common.style_train import StyleTrainSettings
-    from simulations.stylize import ensure_stylizer
+    from simulations.stylize import anonymizer_settings, ensure_stylizer
 
     _setup_logging(False)
     overrides = {"steps": steps, "batch_size": batch_size, "image_size": image_size}
@@ -271,7 +270,9 @@ def style_train(
         overrides["style_weight"] = style_weight
     if identity_weight is not None:
         overrides["identity_weight"] = identity_weight
-    settings = dataclasses.replace(StyleTrainSettings(), **overrides)
+    if structure_weight is not None:
+        overrides["structure_weight"] = structure_weight
+    settings = anonymizer_settings(**overrides)
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
     _, meta, path = ensure_stylizer(style, width=width, styles_dir=styles_dir, data=data or _default_lfw(),
                                     settings=settings, identity=identity, out=out, retrain=True, log=log,
@@ -320,7 +321,7 @@ def bench_anonymize(
     _setup_logging(False)
     run_style_bench(data=data, people=people, style=style,
                     strengths=[float(s) for s in strengths.split(",") if s.strip()], gatys_people=gatys_people,
-                    stylizers=stylizer, out=Path(out), console=Console())
+                    stylizers=stylizer, out=Path(out), console=Console(width=150))
 
 
 def main() -> None:
