@@ -96,7 +96,7 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
     photos = photos_640x480(faces_dir) if faces_dir.is_dir() else []
     if photos:
         anon = Anonymizer(StyleFilter(model, work_size=int(meta.get("work_size", 128))),
-                          whole_image=WholeImageStyle(model), detector=detector)
+                          whole_image=WholeImageStyle(model), detector=detector, margin=float(meta.get("margin", 0.25)))
         speed["end_to_end_640x480"] = end_to_end_speed(anon, photos)
     summary["speed"] = speed
     table = Table(title=f"Stylizer speed ({torch.get_num_threads()} threads)")
@@ -115,9 +115,11 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
             return a(img, strength=strength).image
         return transform
 
-    style_anon = Anonymizer(StyleFilter(model, work_size=work), whole_image=WholeImageStyle(model), detector=detector)
+    style_anon = Anonymizer(StyleFilter(model, work_size=work), whole_image=WholeImageStyle(model), detector=detector,
+                            margin=float(meta.get("margin", 0.25)))
     style_anons = [(Path(p).stem, Anonymizer(StyleFilter(m, work_size=int(mt.get("work_size", 128))),
-                                             whole_image=WholeImageStyle(m), detector=detector))
+                                             whole_image=WholeImageStyle(m), detector=detector,
+                                             margin=float(mt.get("margin", 0.25))))
                    for m, mt, p in loaded]
     transforms = [
         ("none", identity_transform),

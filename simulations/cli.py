@@ -255,6 +255,11 @@ def style_train(
     structure_weight: Optional[float] = typer.Option(None, help="Weight of the face-structure term (MTCNN must "
                                                      "still find the face, landmarks in place; 0 turns it off)."),
     identity: str = typer.Option("auto", help="auto (train a CompactFaceNet once, cached) | none | RUN_DIR."),
+    identity_epochs: int = typer.Option(4, help="Epochs of the auto identity model."),
+    margin: float = typer.Option(0.45, help="Face-region margin (fraction of the face box per side) the stylizer "
+                                 "is trained for; recorded in its .json and used by the anonymizer."),
+    identity_margin: Optional[float] = typer.Option(None, help="Centred cosine below which the identity term "
+                                                    "stops pushing (default 0)."),
     out: Optional[str] = typer.Option(None, help="Write <out>.pt/.json here instead of the cache."),
     styles_dir: Optional[str] = typer.Option(None, help="Folder of style paintings."),
     vgg19: Optional[str] = typer.Option(None, help="Local torchvision VGG19 weights for the perceptual loss "
@@ -272,11 +277,14 @@ def style_train(
         overrides["identity_weight"] = identity_weight
     if structure_weight is not None:
         overrides["structure_weight"] = structure_weight
+    if identity_margin is not None:
+        overrides["identity_margin"] = identity_margin
     settings = anonymizer_settings(**overrides)
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
     _, meta, path = ensure_stylizer(style, width=width, styles_dir=styles_dir, data=data or _default_lfw(),
                                     settings=settings, identity=identity, out=out, retrain=True, log=log,
-                                    vgg19=vgg19, vgg19_sha256=vgg19_sha256)
+                                    vgg19=vgg19, vgg19_sha256=vgg19_sha256, identity_epochs=identity_epochs,
+                                    margin=margin)
     console.print(f"stylizer for {meta['style']!r} ({width}) written to {path} (sha256 {meta['sha256'][:16]}...)")
 
 

