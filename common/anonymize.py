@@ -169,6 +169,7 @@ class GatysFilter:
 
         s = self.work_size
         x = F.interpolate(region[None], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
+        x = x.clamp(0.0, 1.0)  # antialiased resampling overshoots slightly at sharp edges
         y = gatys_stylize(x, self.style, feature_net=self.feature_net, steps=self.steps,
                           identity_model=self.identity_model, identity_weight=self.identity_weight,
                           **self.loss_weights)

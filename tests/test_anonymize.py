@@ -281,3 +281,15 @@ def test_many_faces_in_one_image(anonymizer, lfw_root):
     for i in range(4):  # every person's face centre is changed
         cx, cy = (i % 2) * 250 + 125, (i // 2) * 250 + 125
         assert _box_change(result.image, collage, (cx - 30, cy - 30, cx + 30, cy + 30))[0] > 0.05
+
+
+def test_gatys_method_in_the_pipeline(faces_dir, detector, shared_data):
+    from common.anonymize import GatysFilter
+    from simulations.stylize import load_style_image
+
+    style = load_style_image(shared_data / "styles" / "neural-style" / "starry_night.jpg")
+    img = _open(faces_dir / "brad_pitt.jpg")
+    img = img.resize((img.width // 2, img.height // 2))
+    result = Anonymizer(GatysFilter(style, steps=8, work_size=48, style_weight=30.0), detector=detector)(img)
+    assert result.action == "faces"
+    assert _box_change(result.image, img, result.faces[0].box)[0] > 0.02
