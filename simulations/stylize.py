@@ -36,7 +36,7 @@ from common.weights import load_state_dict_checked, sha256_file
 # (measured on 40 pairsDevTest people, 10-90%: 0.45-0.51), so the region is 0.485 * (1 + 2 * margin) of it.
 LFW_BOX_FRACTION = 0.485
 DEFAULT_MARGIN = 0.45
-TRAIN_CROP_FRACTION = LFW_BOX_FRACTION * (1 + 2 * 0.25)  # the framing of stylizers trained before margins were recorded
+TRAIN_CROP_FRACTION = LFW_BOX_FRACTION * (1 + 2 * 0.25)  # framing for the anonymizer's default margin (0.25)
 IDENTITY_IMAGE_SIZE = 64
 
 
