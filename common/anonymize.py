@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from common.preprocess import image_to_tensor, to_rgb
+
 NO_FACE_POLICIES = ("whole", "refuse", "pass")
 
 
@@ -208,9 +210,8 @@ class PixelateFilter:
 
 # --------------------------------------------------------------------------------------------------- conversions
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image to float ``[3, H, W]`` in [0, 1]."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    """PIL image (any mode) to float RGB ``[3, H, W]`` in [0, 1]."""
+    return image_to_tensor(img).float().div_(255.0)
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
@@ -310,8 +311,6 @@ class Anonymizer:
         strength = float(self.strength if strength is None else strength)
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
-        from common.preprocess import to_rgb
-
         grayscale = img.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1")
         rgb = to_rgb(img)
         self._stats["images"] += 1

@@ -17,7 +17,7 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,9 +58,6 @@ class ReleasedImage:
 
     def verify(self) -> bool:
         return hmac.compare_digest(self.seal, _seal(self.pixels))
-
-    def to_pil(self) -> Image.Image:
-        return Image.fromarray(self.pixels, mode="RGB")
 
 
 class EgressGate:
@@ -119,16 +116,6 @@ class EgressGate:
         pixels = np.ascontiguousarray(np.asarray(result.image.convert("RGB"), dtype=np.uint8))
         pixels.setflags(write=False)
         return ReleasedImage(pixels, purpose, result, _seal(pixels))
-
-    def release_many(self, images: Iterable, *, purpose: str) -> tuple[list[ReleasedImage], int]:
-        """Release what can be released; returns the released images and how many were refused."""
-        out, refused = [], 0
-        for img in images:
-            try:
-                out.append(self.release(img, purpose=purpose))
-            except EgressRefused:
-                refused += 1
-        return out, refused
 
 
 def _as_pil(image) -> Image.Image:

@@ -8,7 +8,6 @@ face that dlib still matches to its original after anonymization is not written.
 from __future__ import annotations
 
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +137,3 @@ def summary_line(summary: dict) -> str:
     return (f"{summary['images']} images: {summary['anonymized']} written ({summary['faces']} faces; "
             f"{summary['no-face (whole image stylized)']} with no face found, stylized whole), "
             f"{summary['refused']} refused, {summary['errors']} errors")
-
-
-def dumps(summary: dict) -> str:
-    return json.dumps(summary, indent=2)

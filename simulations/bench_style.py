@@ -115,12 +115,11 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
             return a(img, strength=strength).image
         return transform
 
-    style_anon = Anonymizer(StyleFilter(model, work_size=work), whole_image=WholeImageStyle(model), detector=detector,
-                            margin=float(meta.get("margin", 0.25)))
     style_anons = [(Path(p).stem, Anonymizer(StyleFilter(m, work_size=int(mt.get("work_size", 128))),
                                              whole_image=WholeImageStyle(m), detector=detector,
                                              margin=float(mt.get("margin", 0.25))))
                    for m, mt, p in loaded]
+    style_anon = style_anons[0][1]
     transforms = [
         ("none", identity_transform),
         ("blur r8, whole image", gaussian_blur(8)),
@@ -141,7 +140,7 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
     finally:
         torch.set_num_threads(threads)
     summary["reid"] = reports_to_json(reports)
-    summary["recognizer"] = DlibRecognizer.name if hasattr(DlibRecognizer, "name") else "dlib"
+    summary["recognizer"] = DlibRecognizer.name
     if gatys_people:
         from common.anonymize import GatysFilter
 

@@ -185,13 +185,15 @@ def _identity_from_run(run_dir: Path) -> tuple[nn.Module, str]:
     return model, f"embedding of run {run_dir} (round {ckpt['round']})"
 
 
-def identity_model(source: str, data: str | None, *, epochs: int = 4, log: Callable[[str], None] = print
-                   ) -> tuple[nn.Module | None, str]:
+def identity_model(source: str, data: str | None, *, epochs: int = 4, crop_fraction: float = TRAIN_CROP_FRACTION,
+                   log: Callable[[str], None] = print) -> tuple[nn.Module | None, str]:
     """The embedding model the stylizer's identity term pushes away from.
 
     ``source``: ``"none"`` (no identity term), a facefl run directory (its latest global embedding), or
     ``"auto"``: a CompactFaceNet trained here, non-DP, for ``epochs`` epochs on the training identities of
-    ``data`` (cached; the synthetic faces when ``data`` is None)."""
+    ``data`` (cached; the synthetic faces when ``data`` is None). ``crop_fraction`` is how the stylizer's training
+    crops are framed (fraction of an LFW image side), so the probe can cut out the tight face it was trained on."""
+    crop = min(1.0, LFW_CROP_FRACTION / crop_fraction)
     if source == "none":
         return None, "none"
     if source != "auto":
@@ -199,7 +201,7 @@ def identity_model(source: str, data: str | None, *, epochs: int = 4, log: Calla
         if not (path / "config.json").is_file():
             raise StyleError(f"--identity takes 'auto', 'none' or a facefl run directory; {path} is none of these.")
         model, desc = _identity_from_run(path)
-        return IdentityProbe(model), desc
+        return IdentityProbe(model, crop=crop), desc
     from common.config import RunConfig
     from common.embedding import build_embedding_model
 
@@ -212,7 +214,7 @@ def identity_model(source: str, data: str | None, *, epochs: int = 4, log: Calla
         try:
             meta = json.loads(meta_path.read_text())
             model.load_state_dict(load_state_dict_checked(stem.with_suffix(".pt"), meta["sha256"]))
-            return IdentityProbe(model), meta["description"]
+            return IdentityProbe(model, crop=crop), meta["description"]
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             log(f"cached identity model unusable ({str(exc).splitlines()[0]}); training it again")
     from client.train import train_embedding
@@ -239,7 +241,7 @@ def identity_model(source: str, data: str | None, *, epochs: int = 4, log: Calla
             f"identities ({'synthetic' if data is None else data})")
     atomic_torch_save(stem.with_suffix(".pt"), model.state_dict())
     atomic_write_json(meta_path, {"sha256": sha256_file(stem.with_suffix(".pt")), "description": desc})
-    return IdentityProbe(model), desc
+    return IdentityProbe(model, crop=crop), desc
 
 
 def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None = None, data: str | None = None,
@@ -275,9 +277,8 @@ def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None =
     faces, faces_desc = training_faces(data, image_size=settings.image_size, count=faces_count, seed=settings.seed,
                                        crop_fraction=crop)
     log(f"training faces: {faces_desc}")
-    probe, probe_desc = identity_model(identity, data, epochs=identity_epochs, log=log)
+    probe, probe_desc = identity_model(identity, data, epochs=identity_epochs, crop_fraction=crop, log=log)
     if probe is not None:
-        probe.crop = min(1.0, LFW_CROP_FRACTION / crop)
         probe.fit_center(faces[:1024])
     log(f"identity model: {probe_desc}")
     start = time.perf_counter()
