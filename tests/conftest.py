@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -36,3 +37,22 @@ def lfw_root(shared_data: Path) -> Path:
 def cache_dir(tmp_path_factory) -> Path:
     """One face cache for the whole test session (the cache itself is tested in test_datasets)."""
     return tmp_path_factory.mktemp("face-cache")
+
+
+@pytest.fixture(scope="session")
+def trained_stylizer(tmp_path_factory, shared_data, lfw_root):
+    """A half-width stylizer really trained (briefly, at 64 px) on LFW training faces and a public-domain
+    painting, saved and reloaded through the stylizer files."""
+    from common.style_train import StyleTrainSettings, train_stylizer
+    from common.styles import load_stylizer, save_stylizer
+    from simulations.stylize import load_style_image, training_faces
+
+    style = load_style_image(shared_data / "styles" / "neural-style" / "starry_night.jpg")
+    faces, _ = training_faces(str(lfw_root), image_size=64, count=64, seed=0)
+    settings = dataclasses.replace(StyleTrainSettings(), steps=60, image_size=64, batch_size=4)
+    model, history = train_stylizer(style, faces, settings=settings, width="half")
+    stem = tmp_path_factory.mktemp("stylizer") / "starry-night-test"
+    path = save_stylizer(stem, model, {"style": "starry-night", "width": "half", "work_size": 64,
+                                       "style_file": str(shared_data / "styles/neural-style/starry_night.jpg")})
+    loaded, meta = load_stylizer(path)
+    return loaded, meta, path
