@@ -113,7 +113,7 @@ def skipped_counts(faces: FaceSet) -> dict[str, float]:
 def metric_keys(cfg: RunConfig) -> list[str]:
     """Keys every reply of a run carries (Flower requires the same keys from every site)."""
     keys = ["num-examples", "num-identities", "declined", "epsilon", "target-epsilon", "delta", "noise-multiplier",
-            "train-seconds", "skipped-images", "skipped-identities"]
+            "sample-rate", "train-seconds", "skipped-images", "skipped-identities"]
     if cfg.trains_embedding:
         keys += ["embedding-train-loss", "embedding-train-accuracy", "embedding-val-accuracy"]
     if cfg.trains_vae:
@@ -134,7 +134,8 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
     metrics = {k: float("nan") for k in metric_keys(cfg)}
     metrics.update({"num-examples": float(len(train)), "num-identities": float(train.num_identities),
                     "declined": 0.0, "epsilon": 0.0, "target-epsilon": cfg.target_epsilon if cfg.dp else 0.0,
-                    "delta": 0.0, "noise-multiplier": 0.0})
+                    "delta": 0.0, "noise-multiplier": 0.0,
+                    "sample-rate": 1.0 / steps_per_epoch(len(train), cfg.batch_size)})
     metrics.update(skipped_counts(train))
 
     dp = None

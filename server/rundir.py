@@ -28,6 +28,20 @@ class RunDirError(ValueError):
     """A folder is not a facefl run directory, or cannot be resumed."""
 
 
+def environment_info() -> dict[str, str]:
+    """Versions of what produced a run (recorded in ``config.json`` and shown by ``facefl report``)."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version(), "platform": platform.platform(terse=True)}
+    for package in ("facefl", "flwr", "torch", "opacus", "facenet-pytorch"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
 def default_run_dir() -> Path:
     return Path("runs") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -57,9 +71,10 @@ class RunDirectory:
         run.path.mkdir(parents=True, exist_ok=True)
         if (run.path / CHECKPOINT_DIR).exists() and any((run.path / CHECKPOINT_DIR).iterdir()):
             raise RunDirError(f"{run.path} already holds a run; use --resume {run.path} or another --out.")
-        atomic_write_json(run.path / CONFIG_FILE, {"config": cfg.to_mapping(), "info": info or {}})
+        info = {"versions": environment_info(), **(info or {})}
+        atomic_write_json(run.path / CONFIG_FILE, {"config": cfg.to_mapping(), "info": info})
         run.metrics["run"] = {"started": _now(), "status": "running", "completed_rounds": 0,
-                              "num_rounds": cfg.num_rounds, "resumed": [], **(info or {})}
+                              "num_rounds": cfg.num_rounds, "resumed": []}
         run._flush()
         return run
 
@@ -104,7 +119,8 @@ class RunDirectory:
             for site, m in report.sites.items():
                 priv = self.metrics["privacy"].setdefault(site, {"rounds_trained": 0, "rounds_declined": 0})
                 priv.update({"epsilon": m.get("epsilon", 0.0), "target_epsilon": m.get("target-epsilon", 0.0),
-                             "delta": m.get("delta", 0.0), "noise_multiplier": m.get("noise-multiplier", 0.0)})
+                             "delta": m.get("delta", 0.0), "noise_multiplier": m.get("noise-multiplier", 0.0),
+                             "sample_rate": m.get("sample-rate", 0.0)})
                 priv["rounds_declined" if m.get("declined", 0) > 0 else "rounds_trained"] += 1
         self.metrics["rounds"] = [r for r in self.metrics["rounds"] if r["round"] != server_round] + [entry]
         self.metrics["run"]["completed_rounds"] = server_round

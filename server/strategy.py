@@ -46,7 +46,7 @@ def aggregate_site_metrics(records: list[RecordDict], weighting_key: str) -> Met
         for key, value in next(iter(record.metric_records.values())).items():
             if key == weighting_key or isinstance(value, list):
                 continue
-            if key in ("epsilon", "target-epsilon", "delta", "noise-multiplier"):
+            if key in ("epsilon", "target-epsilon", "delta", "noise-multiplier", "sample-rate"):
                 out[key] = max(out.get(key, 0.0), float(value))
             elif math.isfinite(float(value)):
                 out[key] = out.get(key, 0.0) + float(value) * w / total

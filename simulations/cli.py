@@ -2,7 +2,8 @@
 
 Subcommands: ``simulate`` (a federation on this machine), ``scenarios`` (list named scenarios), ``data prepare``
 (preprocess and cache a face dataset), ``anonymize`` (stylize the faces in photos), ``style list|train|export``
-(stylizers), ``bench train`` (DP cost and LFW View-1) and ``bench anonymize`` (re-identification with dlib).
+(stylizers), ``report`` (one HTML page per run, or several runs side by side), ``morph`` (a VAE morph between
+two photos), ``bench train`` (DP cost and LFW View-1) and ``bench anonymize`` (re-identification with dlib).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def simulate(
     scenario: Optional[str] = typer.Option(None, help="A named scenario (see `facefl scenarios`)."),
     set_: list[str] = typer.Option([], "--set", help="Any run-config key, KEY=VALUE (repeatable)."),
     cpus_per_site: float = typer.Option(1.0, help="CPU cores reserved per simulated site."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report.html and summary.json at "
+                                "the end (see `facefl report`)."),
+    report_stylizer: Optional[str] = typer.Option(None, help="Stylizer .pt anonymizing the report's faces "
+                                                  "(default: the starry-night stylizer, trained once and cached)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Run a federation of N virtual sites on this machine (Flower simulation engine, Ray backend)."""
@@ -95,8 +100,15 @@ def simulate(
     console.print(f"[bold]facefl simulate[/]: {num_sites} sites, {cfg.num_rounds} rounds, task {cfg.task}, "
                   f"{cfg.strategy}, {privacy}; {what}")
     console.print(f"run directory: {cfg.run_dir}")
-    run_dir = run_sim(cfg, num_sites, cpus_per_site=cpus_per_site, verbose=verbose)
+    try:
+        run_dir = run_sim(cfg, num_sites, cpus_per_site=cpus_per_site, verbose=verbose)
+    except Exception:
+        if report:  # the completed rounds of a failed run are still worth a page
+            _write_report([cfg.run_dir], stylizer=report_stylizer, data=cfg.data or None, quiet=True)
+        raise
     _print_summary(run_dir)
+    if report:
+        _write_report([run_dir], stylizer=report_stylizer, data=cfg.data or None)
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -112,6 +124,60 @@ def _print_summary(run_dir: Path) -> None:
     console.print(table)
     status = metrics.get("run", {}).get("status")
     console.print(f"status: {status}; completed rounds: {metrics.get('run', {}).get('completed_rounds')}")
+
+
+def _write_report(run_dirs: list, *, out: Optional[str] = None, summary: Optional[str] = None,
+                  anonymization: Optional[str] = None, images: bool = True, quiet: bool = False, **gate_options):
+    """Build the report (see ``server.report``); the egress gate is built only when faces are to be shown."""
+    from server.report import build_report
+    from simulations.stylize import build_gate
+
+    def log(text: str) -> None:
+        if not quiet:
+            console.print(text, markup=False, highlight=False)
+
+    factory = None
+    if images:
+        options = {k: v for k, v in gate_options.items() if v is not None}
+
+        def factory():
+            return build_gate(site="report", log=log, **options)
+
+    result = build_report(run_dirs, out=out, summary=summary, gate_factory=factory, anonymization=anonymization,
+                          log_fn=log)
+    gate = result.stats.summary() if result.stats else None
+    shown = (f"; {gate['released']} face images shown after anonymization, {gate['withheld']} withheld"
+             if gate else "")
+    console.print(f"report: {result.html}  (summary {result.summary}{shown})", markup=False, highlight=False)
+    return result
+
+
+@app.command()
+def report(
+    runs: list[str] = typer.Argument(..., help="Run directories (several: their curves side by side)."),
+    out: Optional[str] = typer.Option(None, help="HTML file (default RUN/report.html for one run, "
+                                      "./facefl-report.html for several)."),
+    summary: Optional[str] = typer.Option(None, help="summary.json path (default beside the HTML: summary.json "
+                                          "next to report.html, NAME.summary.json next to NAME.html)."),
+    images: bool = typer.Option(True, "--images/--no-images", help="Show VAE faces (always anonymized through "
+                                "the egress gate); --no-images leaves every face out."),
+    method: str = typer.Option("style", help="Anonymization of the report's faces: style | blur | pixelate."),
+    style: str = typer.Option("starry-night", help="Named style for --method style (trained once, cached)."),
+    stylizer: Optional[str] = typer.Option(None, help="A trained stylizer .pt (with its .json) instead of --style."),
+    sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of --stylizer (default: from its .json)."),
+    strength: float = typer.Option(1.0, help="Stylization strength of the report's faces (0 < S <= 1)."),
+    anonymization: Optional[str] = typer.Option(None, help="A `facefl bench anonymize` result "
+                                                "(bench-anonymize.json) to show; default: one in the run folder."),
+    data: Optional[str] = typer.Option(None, help="Faces to train a missing stylizer on (default: LFW if present)."),
+) -> None:
+    """One self-contained HTML report (and summary.json) of one or several runs: curves, privacy, evaluation,
+    anonymized VAE faces. Works on interrupted runs (it shows the completed rounds)."""
+    _setup_logging(False)
+    if method not in ("style", "blur", "pixelate"):
+        raise ValueError(f"--method must be style, blur or pixelate; got {method!r}.")
+    _write_report(runs, out=out, summary=summary, anonymization=anonymization, images=images, method=method,
+                  style=style, stylizer=stylizer, stylizer_sha256=sha256, strength=strength,
+                  data=data or _default_lfw())
 
 
 @app.command()
@@ -330,6 +396,53 @@ def bench_anonymize(
     run_style_bench(data=data, people=people, style=style,
                     strengths=[float(s) for s in strengths.split(",") if s.strip()], gatys_people=gatys_people,
                     stylizers=stylizer, out=Path(out), console=Console(width=150))
+
+
+@app.command()
+def morph(
+    image_a: str = typer.Argument(..., help="Photo of the first face (never modified)."),
+    image_b: str = typer.Argument(..., help="Photo of the second face (never modified)."),
+    run: str = typer.Option(..., "--run", help="Run directory with a trained VAE (task vae or both)."),
+    steps: int = typer.Option(11, help="Frames from A to B, at least 2 (11 gives alpha steps of 0.1)."),
+    out: str = typer.Option("morph.gif", "--out", help="Animated GIF to write; the PNG strip goes beside it "
+                            "as <stem>-strip.png."),
+    mode: str = typer.Option("linear", help="Latent interpolation: linear | slerp."),
+    anonymize: bool = typer.Option(True, "--anonymize/--no-anonymize",
+                                   help="Release every frame through the egress gate (default). --no-anonymize "
+                                   "writes the raw VAE frames, which can show recognisable faces."),
+    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    stylizer: Optional[str] = typer.Option(None, help="A trained stylizer .pt (with its .json) instead of --style."),
+    sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of --stylizer (default: from its .json)."),
+    strength: float = typer.Option(1.0, help="0 < S <= 1: blend of stylized and original face (1 = full style)."),
+    method: str = typer.Option("style", help="Anonymization: style | blur | pixelate."),
+    size: int = typer.Option(128, help="Side of each output frame in pixels (VAE frames are upscaled)."),
+    frame_ms: int = typer.Option(120, help="Duration of each GIF frame in milliseconds."),
+    pingpong: bool = typer.Option(True, "--pingpong/--no-pingpong", help="Loop A -> B -> A (default) or A -> B."),
+) -> None:
+    """Morph one face into another through the latent space of a run's VAE; writes a GIF and a PNG strip."""
+    from simulations.morph import check_request, check_run, morph_images, read_photo
+    from simulations.stylize import build_gate
+
+    _setup_logging(False)
+    log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
+    check_request(image_a, image_b, out=out, steps=steps, mode=mode, size=size, frame_ms=frame_ms)
+    check_run(run)
+    for path in (image_a, image_b):
+        read_photo(path)  # fail on a bad photo before a stylizer is loaded or trained
+    gate = None
+    if anonymize:
+        gate = build_gate(site="this device", log=log, method=method, style=style, strength=strength,
+                          stylizer=stylizer, stylizer_sha256=sha256, data=_default_lfw())
+    else:
+        log("warning: --no-anonymize: frames are written as the VAE decodes them and can show recognisable faces "
+            "of the people in the two photos; do not share them.")
+    result = morph_images(image_a, image_b, run_dir=run, steps=steps, mode=mode, out=out, gate=gate, size=size,
+                          frame_ms=frame_ms, pingpong=pingpong)
+    privacy = (f"{result.released} released through the egress gate, {result.withheld} withheld"
+               if result.anonymized else "not anonymized (--no-anonymize)")
+    console.print(f"morph: wrote {result.gif} and {result.strip}; {result.steps} frames ({result.gif_frames} in the "
+                  f"loop), {privacy}; checkpoint round {result.round}; {result.seconds:.1f}s",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

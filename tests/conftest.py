@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,29 @@ def trained_stylizer(tmp_path_factory, shared_data, lfw_root):
                                        "style_file": str(shared_data / "styles/neural-style/starry_night.jpg")})
     loaded, meta = load_stylizer(path)
     return loaded, meta, path
+
+
+FACEFL = [str(Path(sys.executable).with_name("facefl"))]
+MARK = f"facefl-test-{uuid.uuid4().hex}"  # in the environment of every process a facefl command of the tests starts
+
+
+def facefl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the ``facefl`` console script (as a user would), marked so that leftover processes can be found."""
+    env = {**os.environ, "FACEFL_TEST_MARK": MARK}
+    return subprocess.run(FACEFL + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def federated_run(tmp_path_factory, lfw_root, cache_dir, trained_stylizer) -> Path:
+    """A real 2-site, 2-round DP federation of both models on LFW through `facefl simulate` (Flower's simulation
+    engine), which writes its report at the end with the test stylizer. Tests that change the run copy it."""
+    run = tmp_path_factory.mktemp("federation") / "run"
+    # A generous budget keeps the noise small enough for 2 short rounds on ~40 people to show learning;
+    # the mechanism (clipping, noise, accounting, declines) is the same at any epsilon.
+    done = facefl("simulate", "--data", str(lfw_root), "--sites", "2", "--rounds", "2", "--task", "both",
+                  "--epsilon", "50", "--accountant", "rdp", "--out", str(run),
+                  "--set", f"cache-dir={cache_dir}", "--set", "max-identities=60", "--set", "eval-pairs=200",
+                  "--set", "batch-size=64", "--set", "local-epochs=3", "--set", "eval-faces=32",
+                  "--report-stylizer", str(trained_stylizer[2]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return run

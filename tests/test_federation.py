@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
-
-FACEFL = [str(Path(sys.executable).with_name("facefl"))]
-
-
-MARK = f"facefl-test-{uuid.uuid4().hex}"
-
-
-def _facefl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FACEFL_TEST_MARK": MARK}  # inherited by every process the command starts
-    return subprocess.run(FACEFL + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+from conftest import MARK, facefl
 
 
 def _leftover_processes() -> list[int]:
@@ -49,17 +38,9 @@ def _all_stopped(wait: float = 15.0) -> bool:
 
 
 @pytest.mark.slow
-def test_two_site_federation_on_lfw_trains_accounts_declines_and_resumes(lfw_root, cache_dir, tmp_path):
+def test_two_site_federation_on_lfw_trains_accounts_declines_and_resumes(federated_run, tmp_path):
     run = tmp_path / "run"
-    # A generous budget keeps the noise small enough for 2 short rounds on ~40 people to show learning;
-    # the mechanism (clipping, noise, accounting, declines) is the same at any epsilon.
-    common = ["--set", f"cache-dir={cache_dir}", "--set", "max-identities=60", "--set", "eval-pairs=200",
-              "--set", "batch-size=64", "--set", "local-epochs=3", "--set", "eval-faces=32"]
-    done = _facefl("simulate", "--data", str(lfw_root), "--sites", "2", "--rounds", "2", "--task", "both",
-                   "--epsilon", "50", "--accountant", "rdp", "--out", str(run), *common)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "round 2/2" in done.stderr
-
+    shutil.copytree(federated_run, run)  # the shared run stays as it was for the report tests
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["run"]["status"] == "completed" and metrics["run"]["completed_rounds"] == 2
     rounds = {r["round"]: r for r in metrics["rounds"]}
@@ -85,7 +66,7 @@ def test_two_site_federation_on_lfw_trains_accounts_declines_and_resumes(lfw_roo
 
     # Resume for one more round: the budget was planned for 2 rounds, so both sites decline round 3,
     # the run still completes, and the global model is unchanged.
-    more = _facefl("simulate", "--resume", str(run), "--rounds", "3")
+    more = facefl("simulate", "--resume", str(run), "--rounds", "3")
     assert more.returncode == 0, more.stdout + more.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     third = [r for r in metrics["rounds"] if r["round"] == 3][0]
@@ -99,16 +80,16 @@ def test_two_site_federation_on_lfw_trains_accounts_declines_and_resumes(lfw_roo
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
-    missing = _facefl("simulate", "--data", str(tmp_path / "nowhere"))
+    missing = facefl("simulate", "--data", str(tmp_path / "nowhere"))
     assert missing.returncode == 2
     assert "Dataset path does not exist" in missing.stderr and str(tmp_path / "nowhere") in missing.stderr
     assert "Traceback" not in missing.stderr
     (tmp_path / "empty").mkdir()
-    empty = _facefl("simulate", "--data", str(tmp_path / "empty"))
+    empty = facefl("simulate", "--data", str(tmp_path / "empty"))
     assert empty.returncode == 2 and "identity folders" in empty.stderr
-    not_a_run = _facefl("simulate", "--resume", str(tmp_path))
+    not_a_run = facefl("simulate", "--resume", str(tmp_path))
     assert not_a_run.returncode == 2 and "not a facefl run directory" in not_a_run.stderr
-    bad_key = _facefl("simulate", "--set", "num-round=3")
+    bad_key = facefl("simulate", "--set", "num-round=3")
     assert bad_key.returncode == 2 and "Unknown run-config key" in bad_key.stderr
-    triplet = _facefl("simulate", "--set", "loss=triplet")
+    triplet = facefl("simulate", "--set", "loss=triplet")
     assert triplet.returncode == 2 and "triplet" in triplet.stderr

@@ -1,0 +1,236 @@
+"""``facefl report``: the page a real federation writes, checked as data, as HTML, and in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import facefl
+from PIL import Image
+
+CHROMIUM = Path(os.environ.get("FACEFL_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("FACEFL_CHROMEDRIVER", "/usr/bin/chromedriver"))
+
+
+class _Page(HTMLParser):
+    """Every tag with its attributes, the text, and the ``<img>`` sources of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    @property
+    def images(self) -> list[str]:
+        return [a["src"] for t, a in self.tags if t == "img"]
+
+
+def _page(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def _decode(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+
+
+@pytest.mark.slow
+def test_simulate_writes_the_report_and_summary(federated_run):
+    html, summary = federated_run / "report.html", federated_run / "summary.json"
+    assert html.is_file() and summary.is_file()
+    doc = json.loads(summary.read_text())
+    run = doc["runs"][0]
+    assert run["status"] == "completed" and run["completed_rounds"] == 2 and not run["interrupted"]
+    assert sorted(run["privacy"]) == ["site-0", "site-1"]
+    assert all(0 < p["epsilon"] <= 50 + 1e-6 and p["rounds_trained"] == 2 for p in run["privacy"].values())
+    assert run["versions"]["flwr"].startswith("1.42") and run["versions"]["opacus"]
+    assert [r["round"] for r in run["rounds"]] == [0, 1, 2]
+    ev = run["embedding_evaluation"]
+    assert ev["pairs"] == 200 and 0.5 < ev["roc_auc"] <= 1 and "tar@far=1e-1" in ev
+    assert ev["roc_auc"] == pytest.approx(run["final"]["embedding/roc_auc"], abs=1e-9)  # same model, same pairs
+    images = run["vae_images"]
+    assert images["morph_frames"] >= 11 and np.allclose(np.diff(images["morph_alphas"]), 0.1)
+    assert images["shown"] + images["withheld"] == 3 * 8 + images["morph_frames"]
+    gate = doc["anonymization"]["gate"]
+    assert gate["images"] == images["shown"] + images["withheld"] and gate["released"] == images["shown"]
+    gif = Image.open(federated_run / "report-morph.gif")
+    assert gif.n_frames >= 11
+
+    page = _page(html)
+    text = " ".join(page.text)
+    for heading in ("Overview", "Learning curves", "Privacy", "Embedding evaluation", "Sites", "Anonymization"):
+        assert heading in text, heading
+    assert "example-level" in text and "empirical" in text
+    assert sum(1 for t, a in page.tags if t == "svg" and "chart" in a.get("class", "")) >= 8
+
+
+@pytest.mark.slow
+def test_report_never_shows_a_raw_face(federated_run):
+    """Every face image in the page went through the gate: none equals (or nearly equals) the raw image the VAE
+    section was made from."""
+    from server.report import TILE_SIZE
+    from server.report_eval import models_from_state, vae_images
+    from server.run_reader import read_run
+    from common.sources import eval_data
+
+    data = read_run(federated_run)
+    raw = vae_images(models_from_state(data.cfg, data.state).vae, eval_data(data.cfg), seed=data.cfg.seed)
+    raws = []
+    for batch in (raw.originals, raw.reconstructions, raw.samples, raw.morph):
+        for img in batch:
+            pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC)
+            raws.append(np.asarray(pil, dtype=np.float32))
+    shown = [_decode(src) for src in _page(federated_run / "report.html").images if src.startswith("data:image/png")]
+    assert len(shown) == len(raws)
+    for tile in shown:
+        closest = min(float(np.abs(tile.astype(np.float32) - r).mean()) for r in raws)
+        assert closest > 3.0, f"a report image is within {closest:.2f} grey levels of a raw face"
+
+
+@pytest.mark.slow
+def test_report_references_nothing_outside_itself(federated_run):
+    source = (federated_run / "report.html").read_text(encoding="utf-8")
+    page = _page(federated_run / "report.html")
+    for tag, attrs in page.tags:
+        assert tag not in ("script", "link", "iframe", "object", "embed"), tag
+        for name in ("src", "href", "xlink:href", "srcset", "poster", "data"):
+            value = attrs.get(name)
+            if value is None:
+                continue
+            if name == "href":
+                assert value.startswith("#"), f"<{tag} href={value[:60]}>"
+            else:
+                assert value.startswith("data:"), f"<{tag} {name}={value[:60]}>"
+    without_xmlns = source.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "http://" not in without_xmlns and "https://" not in without_xmlns
+    assert "url(" not in source and "@import" not in source and "file:" not in source
+
+
+@pytest.mark.slow
+def test_report_in_headless_chromium(federated_run, tmp_path):
+    """The page loads in a real browser with no console errors, every image and plot renders, the epsilon table has
+    one row per site; a screenshot is kept."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("FACEFL_REQUIRE_BROWSER"):
+            pytest.fail(f"Chromium or ChromeDriver missing ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium "
+                        "chromium-driver")
+        pytest.skip("Chromium not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--window-size=1280,1600"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get((federated_run / "report.html").resolve().as_uri())
+        assert driver.execute_script("return document.readyState") == "complete"
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert not errors, errors
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])")
+        assert len(images) >= 3 * 8 + 11 + 1
+        assert all(ok and w > 0 and h > 0 for ok, w, h, _ in images), [i for i in images if not i[1]]
+        charts = driver.execute_script(
+            "return Array.from(document.querySelectorAll('svg.chart')).map(s => {const r = s.getBoundingClientRect();"
+            " return [r.width, r.height, s.querySelectorAll('polyline.series, .hist').length,"
+            " s.getAttribute('aria-label')]})")
+        assert len(charts) >= 8
+        assert all(w > 0 and h > 0 and n > 0 for w, h, n, _ in charts), charts
+        rows = driver.execute_script("return document.querySelectorAll('table.epsilon-table tbody tr').length")
+        assert rows == 2
+        sites = driver.execute_script(
+            "return Array.from(document.querySelectorAll('table.epsilon-table tbody tr td:first-child'))"
+            ".map(td => td.textContent)")
+        assert sorted(sites) == ["site-0", "site-1"]
+        height = driver.execute_script("return document.body.scrollHeight")
+        driver.set_window_size(1280, min(int(height), 12000))
+        shot = tmp_path / "report.png"
+        assert driver.save_screenshot(str(shot)) and Image.open(shot).size[0] > 0
+        keep = os.environ.get("FACEFL_TEST_ARTIFACTS")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(keep) / "report.png")
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
+def test_interrupted_and_damaged_runs_still_report(federated_run, tmp_path):
+    """A run killed after round 1 (its round-2 files never written) reports round 1 with a visible note; a truncated
+    metrics.json is noted, not fatal; a folder that is not a run is a one-line error."""
+    run = tmp_path / "interrupted"
+    shutil.copytree(federated_run, run)
+    (run / "checkpoints" / "round-0002.pt").unlink()
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= 1]
+    metrics["run"].update(status="running", completed_rounds=1)
+    metrics["run"].pop("finished", None)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    for stale in ("report.html", "summary.json", "report-morph.gif"):
+        (run / stale).unlink()
+
+    done = facefl("report", str(run), "--no-images")
+    assert done.returncode == 0, done.stdout + done.stderr
+    page = _page(run / "report.html")
+    notice = [a for t, a in page.tags if t == "div" and a.get("id") == "notices"]
+    assert notice and "stopped after round 1 of 2" in " ".join(page.text)
+    doc = json.loads((run / "summary.json").read_text())
+    assert doc["runs"][0]["interrupted"] and doc["runs"][0]["completed_rounds"] == 1
+    assert doc["runs"][0]["checkpoint_round"] == 1 and [r["round"] for r in doc["runs"][0]["rounds"]] == [0, 1]
+    assert not page.images  # --no-images: no face at all
+
+    text = (run / "metrics.json").read_text()
+    (run / "metrics.json").write_text(text[: len(text) // 2])  # as if cut off while copied
+    damaged = facefl("report", str(run), "--no-images", "--out", str(tmp_path / "damaged.html"))
+    assert damaged.returncode == 0, damaged.stderr
+    assert "metrics.json could not be read" in (tmp_path / "damaged.html").read_text()
+    assert (tmp_path / "damaged.summary.json").is_file()
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"not a run")
+    for bad, message in ((tmp_path / "photos", "not a facefl run directory"), (tmp_path / "nowhere", "not a folder")):
+        out = facefl("report", str(bad))
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "photos" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_several_runs_side_by_side(federated_run, tmp_path):
+    """Two runs in one page: curves overlaid (one series per run), a comparison table with a row per run."""
+    other = tmp_path / "run-b"
+    shutil.copytree(federated_run, other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    for r in metrics["rounds"]:  # a different run: shift its curve so the two series differ
+        r["global"]["embedding/roc_auc"] = r["global"]["embedding/roc_auc"] * 0.5
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    out = tmp_path / "compare.html"
+    done = facefl("report", str(federated_run), str(other), "--out", str(out), "--no-images")
+    assert done.returncode == 0, done.stderr
+    page = _page(out)
+    series = [a.get("data-series", "") for t, a in page.tags if t == "polyline" and "series" in a.get("class", "")]
+    assert any(s.startswith(f"{federated_run.name}:") for s in series), series[:5]
+    assert any(s.startswith("run-b:") for s in series)
+    doc = json.loads((tmp_path / "compare.summary.json").read_text())
+    assert [r["name"] for r in doc["runs"]] == [federated_run.name, "run-b"]
+    a, b = (r["final"]["embedding/roc_auc"] for r in doc["runs"])
+    assert b == pytest.approx(a * 0.5)
+    assert "Runs compared" in " ".join(page.text)
