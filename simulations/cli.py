@@ -433,9 +433,6 @@ def morph(
     if anonymize:
         gate = build_gate(site="this device", log=log, method=method, style=style, strength=strength,
                           stylizer=stylizer, stylizer_sha256=sha256, data=_default_lfw())
-    else:
-        log("warning: --no-anonymize: frames are written as the VAE decodes them and can show recognisable faces "
-            "of the people in the two photos; do not share them.")
     result = morph_images(image_a, image_b, run_dir=run, steps=steps, mode=mode, out=out, gate=gate, size=size,
                           frame_ms=frame_ms, pingpong=pingpong)
     privacy = (f"{result.released} released through the egress gate, {result.withheld} withheld"
@@ -443,6 +440,10 @@ def morph(
     console.print(f"morph: wrote {result.gif} and {result.strip}; {result.steps} frames ({result.gif_frames} in the "
                   f"loop), {privacy}; checkpoint round {result.round}; {result.seconds:.1f}s",
                   markup=False, highlight=False, soft_wrap=True)
+    if not anonymize:
+        console.print("warning: --no-anonymize: the frames are the VAE's decodings as they are and can show "
+                      "recognisable faces of the people in the two photos; do not share them.",
+                      markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:
