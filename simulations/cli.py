@@ -104,7 +104,10 @@ def simulate(
         run_dir = run_sim(cfg, num_sites, cpus_per_site=cpus_per_site, verbose=verbose)
     except Exception:
         if report:  # the completed rounds of a failed run are still worth a page
-            _write_report([cfg.run_dir], stylizer=report_stylizer, data=cfg.data or None, quiet=True)
+            try:
+                _write_report([cfg.run_dir], stylizer=report_stylizer, data=cfg.data or None, quiet=True)
+            except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
+                console.print(f"no report: {exc}", markup=False)
         raise
     _print_summary(run_dir)
     if report:
