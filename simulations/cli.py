@@ -139,12 +139,12 @@ def _write_report(run_dirs: list, *, out: Optional[str] = None, summary: Optiona
         if not quiet:
             console.print(text, markup=False, highlight=False)
 
-    factory = None
-    if images:
-        options = {k: v for k, v in gate_options.items() if v is not None}
+    options = {k: v for k, v in gate_options.items() if v is not None}
 
-        def factory():
-            return build_gate(site="report", log=log, **options)
+    def make_gate():
+        return build_gate(site="report", log=log, **options)
+
+    factory = make_gate if images else None
 
     result = build_report(run_dirs, out=out, summary=summary, gate_factory=factory, anonymization=anonymization,
                           log_fn=log)

@@ -158,7 +158,8 @@ def read_photo(path: str | Path) -> Image.Image:
         raise DataError(f"{path} is not a readable image ({first}); pass a JPEG or PNG photo.") from None
 
 
-def prepare_face(path_or_image: str | Path | Image.Image, *, cfg: RunConfig, aligner: FaceAligner) -> torch.Tensor:
+def prepare_face(path_or_image: str | Path | Image.Image, *, cfg: RunConfig, aligner: FaceAligner,
+                 framing: str | None = None) -> torch.Tensor:
     """Detect the largest face in a photo and frame it as the run's VAE was trained: float ``[3, S, S]`` in [0, 1].
 
     Parameters
@@ -169,6 +170,8 @@ def prepare_face(path_or_image: str | Path | Image.Image, *, cfg: RunConfig, ali
         The run's configuration: ``image_size`` is ``S``, ``data`` decides the framing (:func:`face_framing`).
     aligner : FaceAligner
         MTCNN aligner with ``image_size == cfg.image_size``.
+    framing : {"crop", "detect"}, optional
+        Override of :func:`face_framing` (computed from ``cfg`` when None).
 
     Raises
     ------
@@ -182,7 +185,10 @@ def prepare_face(path_or_image: str | Path | Image.Image, *, cfg: RunConfig, ali
         name, img = "the image", to_rgb(path_or_image)
     else:
         name, img = str(path_or_image), read_photo(path_or_image)
-    template = lfw_crop_template(cfg.image_size) if face_framing(cfg) == "crop" else None
+    framing = framing or face_framing(cfg)
+    if framing not in ("crop", "detect"):
+        raise ValueError(f'framing must be "crop" or "detect", got {framing!r}.')
+    template = lfw_crop_template(cfg.image_size) if framing == "crop" else None
     try:
         result = aligner.align(img, template=template)
     except (RuntimeError, ValueError, IndexError) as exc:  # MTCNN on a degenerate image
@@ -240,18 +246,17 @@ def morph_images(image_a: str | Path, image_b: str | Path, *, run_dir: str | Pat
     if models.vae is None:  # check_run saw the config; this guards a checkpoint that lost its VAE
         raise RunDirError(f"{run_dir} holds no VAE; train a run with `facefl simulate --task vae` (or --task both).")
     aligner = aligner or FaceAligner(cfg.image_size)
-    a = prepare_face(image_a, cfg=cfg, aligner=aligner)
-    b = prepare_face(image_b, cfg=cfg, aligner=aligner)
+    framing = face_framing(cfg)
+    a = prepare_face(image_a, cfg=cfg, aligner=aligner, framing=framing)
+    b = prepare_face(image_b, cfg=cfg, aligner=aligner, framing=framing)
     with torch.inference_mode():
         decoded = models.vae.morph(a, b, steps=steps, mode=mode)  # [steps, 3, S, S] in [0, 1]
     alphas = [float(t) for t in torch.linspace(0.0, 1.0, steps)]
     frames = [upscale(to_pil(f), size) for f in decoded]
 
-    released = withheld = 0
+    released, withheld = len(frames), 0
     if gate is not None:
-        frames, released, withheld = _release(frames, alphas, gate)
-    else:
-        released = len(frames)
+        frames, released, withheld = release_frames(frames, alphas, gate)
 
     write_atomic(gif_path, gif_bytes(frames, frame_ms=frame_ms, pingpong=pingpong))
     write_atomic(strip_out, png_bytes(strip(frames)))
@@ -261,8 +266,15 @@ def morph_images(image_a: str | Path, image_b: str | Path, *, run_dir: str | Pat
                        seconds=time.perf_counter() - start)
 
 
-def _release(frames: list[Image.Image], alphas: list[float], gate) -> tuple[list[Image.Image], int, int]:
-    """Each frame through the egress gate; refused ones become placeholders. Raises when none is released."""
+def release_frames(frames: list[Image.Image], alphas: list[float], gate) -> tuple[list[Image.Image], int, int]:
+    """Release each frame through ``gate`` (an :class:`common.egress.EgressGate`) with purpose ``"morph"``.
+
+    Returns ``(frames, released, withheld)``: released frames are the gate's pixels, withheld ones grey
+    placeholders marked with their ``alpha`` (:func:`common.morphing.placeholder`). Raises :class:`MorphError`
+    when the gate withholds every frame.
+    """
+    if len(frames) != len(alphas):
+        raise ValueError(f"{len(frames)} frames but {len(alphas)} alphas; give one alpha per frame.")
     from common.egress import EgressRefused
 
     out: list[Image.Image] = []
