@@ -106,9 +106,9 @@ def summary_path(out: Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- images
 def png_uri(pixels: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    from common.morphing import png_bytes
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(Image.fromarray(pixels))).decode()
 
 
 def _withheld(size: int) -> np.ndarray:

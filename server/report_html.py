@@ -87,7 +87,7 @@ def _label(section: RunSection, many: bool, what: str = "") -> str:
 
 # ----------------------------------------------------------------------------------------------- sections
 def overview(sections: list[RunSection], generated: str, report_versions: dict) -> str:
-    rows = []
+    columns = []
     for s in sections:
         d, cfg = s.data, s.data.cfg
         versions = d.info.get("versions") or {}
@@ -102,13 +102,13 @@ def overview(sections: list[RunSection], generated: str, report_versions: dict) 
             q = sorted({round(p.get("sample_rate", 0.0), 4) for p in d.privacy.values() if p.get("sample_rate")})
             delta = sorted({p.get("delta", 0.0) for p in d.privacy.values()})
             dp = (f"DP-SGD (Opacus), noise multiplier σ={', '.join(f'{x:g}' for x in sig) or '–'}, clip C={cfg.max_grad_norm:g}, "
-                  f"sampling rate q={', '.join(f'{x:g}' for x in q) or '–'} (Poisson), accountant {cfg.accountant.upper()}, "
+                  f"sampling rate q={', '.join(f'{x:g}' for x in q) or 'not recorded'} (Poisson), accountant {cfg.accountant.upper()}, "
                   f"δ={', '.join(f'{x:.2e}' for x in delta) or ('1/(10 N)' if not cfg.target_delta else f'{cfg.target_delta:g}')}, "
                   f"budget ε={cfg.target_epsilon:g} per site")
         strategy = cfg.strategy + (f" (μ={cfg.proximal_mu:g})" if cfg.strategy == "fedprox" else "") + \
             (f" (server lr {cfg.server_lr:g})" if cfg.strategy == "fedadam" else "")
         wall = d.wall_seconds()
-        rows += [
+        columns.append([
             ("Run", f"{d.name} — {d.path.resolve()}"),
             ("Started / finished", f"{d.run.get('started', '–')} / {d.run.get('finished', '–')} (status {d.status})"),
             ("Versions (run)", v),
@@ -123,13 +123,13 @@ def overview(sections: list[RunSection], generated: str, report_versions: dict) 
              + f"; {cfg.local_epochs} local epoch(s), batch {cfg.batch_size}, {cfg.image_size}px faces"),
             ("Differential privacy", dp),
             ("Wall-clock time", f"{wall / 60:.1f} min" if wall else "–"),
-        ]
-        if len(sections) > 1:
-            rows.append(("", ""))
+        ])
     report_v = ", ".join(f"{k} {report_versions[k]}" for k in ("facefl", "flwr", "torch", "opacus") if k in report_versions)
-    rows.append(("Report generated", f"{generated} with {report_v}"))
-    body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
-    return f'<section id="overview"><h2>Overview</h2><table class="overview">{body}</table></section>'
+    # One column per run, one row per property.
+    body = "".join(f"<tr><th>{esc(key)}</th>" + "".join(f"<td>{esc(col[i][1])}</td>" for col in columns) + "</tr>"
+                   for i, (key, _) in enumerate(columns[0]))
+    generated_line = f'<p class="muted">Report generated {esc(generated)} with {esc(report_v)}.</p>'
+    return f'<section id="overview"><h2>Overview</h2><table class="overview">{body}</table>{generated_line}</section>'
 
 
 def notices(sections: list[RunSection], image_note: str) -> str:
