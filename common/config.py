@@ -19,6 +19,7 @@ LOSSES = ("arcface", "cosface", "triplet")
 PARTITIONS = ("iid", "dirichlet")
 ACCOUNTANTS = ("prv", "rdp")
 RECON_LOSSES = ("l1", "l2")
+AGGREGATORS = ("mean", "median", "trimmed-mean")
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,9 @@ class RunConfig:
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     round_timeout: float = 3600.0
+    aggregator: str = "mean"
+    trim_fraction: float = 0.2
+    max_update_norm: float = 0.0
     # Local training
     local_epochs: int = 1
     batch_size: int = 32
@@ -103,12 +107,13 @@ class RunConfig:
         choice("partition", PARTITIONS)
         choice("accountant", ACCOUNTANTS)
         choice("vae_recon", RECON_LOSSES)
+        choice("aggregator", AGGREGATORS)
         for name in ("num_rounds", "local_epochs", "batch_size", "embedding_dim", "latent_dim", "min_sites",
                      "lr", "vae_lr", "scale", "max_grad_norm", "target_epsilon", "dirichlet_alpha",
                      "round_timeout", "server_lr"):
             positive(name)
         for name in ("proximal_mu", "margin", "vae_beta", "max_identities", "eval_pairs", "eval_faces",
-                     "planned_rounds", "target_delta"):
+                     "planned_rounds", "target_delta", "max_update_norm"):
             positive(name, allow_zero=True)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train!r}.")
@@ -123,6 +128,11 @@ class RunConfig:
         if self.model == "inception" and self.image_size < 96:
             raise ConfigError(f"model=inception needs image-size of at least 96 (160 is its native size); got "
                               f"{self.image_size}.")
+        if not 0.0 < self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in (0, 0.5); got {self.trim_fraction!r}.")
+        if self.aggregator != "mean" and self.strategy == "fedadam":
+            raise ConfigError(f"aggregator={self.aggregator} replaces FedAvg's weighted mean; it cannot be combined "
+                              "with strategy=fedadam (use fedavg or fedprox).")
         if self.target_delta >= 1.0:
             raise ConfigError(f"target-delta must be below 1 (and below 1/N for N examples); got {self.target_delta!r}.")
         if self.dp and self.loss == "triplet":

@@ -106,7 +106,10 @@ def overview(sections: list[RunSection], generated: str, report_versions: dict) 
                   f"δ={', '.join(f'{x:.2e}' for x in delta) or ('1/(10 N)' if not cfg.target_delta else f'{cfg.target_delta:g}')}, "
                   f"budget ε={cfg.target_epsilon:g} per site")
         strategy = cfg.strategy + (f" (μ={cfg.proximal_mu:g})" if cfg.strategy == "fedprox" else "") + \
-            (f" (server lr {cfg.server_lr:g})" if cfg.strategy == "fedadam" else "")
+            (f" (server lr {cfg.server_lr:g})" if cfg.strategy == "fedadam" else "") + \
+            (f", {cfg.aggregator} aggregation" + (f" (trim {cfg.trim_fraction:g})" if cfg.aggregator == "trimmed-mean"
+                                                  else "") if cfg.aggregator != "mean" else "") + \
+            (f", updates above norm {cfg.max_update_norm:g} rejected" if cfg.max_update_norm else "")
         wall = d.wall_seconds()
         columns.append([
             ("Run", f"{d.name} — {d.path.resolve()}"),

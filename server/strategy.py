@@ -4,8 +4,8 @@
 it only wraps ``configure_train`` and ``aggregate_train`` so that:
 - rounds are numbered from the run's start even after a resume (``round_offset``);
 - replies from sites that declined (privacy budget spent), failed, or sent an update that is malformed (wrong
-  entries, shapes or dtypes, NaN/Inf) are left out of the aggregate and recorded, and the round completes
-  with the others;
+  entries, shapes or dtypes, NaN/Inf) or too large (L2 distance to the global model above ``max-update-norm``)
+  are left out of the aggregate and recorded, and the round completes with the others;
 - every site's own metrics (loss, cumulative epsilon, ...) are kept for ``metrics.json``.
 """
 
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from common.config import RunConfig
-from common.models import check_state
+from common.models import check_state, update_norm
 
 log = logging.getLogger("facefl.server")
 
@@ -60,15 +60,18 @@ class SiteAwareMixin:
 
     round_offset: int = 0
 
-    def init_facefl(self, reference: dict, round_offset: int = 0) -> None:
+    def init_facefl(self, reference: dict, round_offset: int = 0, max_update_norm: float = 0.0) -> None:
         self.round_offset = round_offset
         self._reference = reference  # expected entries, shapes and dtypes of an update
+        self._global = reference  # the weights sent this round (update norms are measured against them)
+        self.max_update_norm = float(max_update_norm)
         self.reports: dict[int, RoundReport] = {}
         self.train_metrics: dict[int, dict[str, float]] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         absolute = server_round + self.round_offset
         config["round"] = absolute
+        self._global = arrays.to_torch_state_dict()
         return super().configure_train(absolute, arrays, config, grid)  # type: ignore[misc]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
@@ -92,7 +95,12 @@ class SiteAwareMixin:
                 continue
             try:
                 arrays = next(iter(content.array_records.values()))
-                check_state(self._reference, arrays.to_torch_state_dict())
+                state = arrays.to_torch_state_dict()
+                check_state(self._reference, state)
+                if self.max_update_norm > 0:
+                    norm = update_norm(state, self._global)
+                    if norm > self.max_update_norm:
+                        raise ValueError(f"update norm {norm:.4g} is above max-update-norm {self.max_update_norm:g}")
             except (ValueError, StopIteration, TypeError) as exc:
                 report.rejected[name] = str(exc)
                 log.warning("round %d: update from %s rejected: %s", absolute, name, exc)
@@ -135,8 +143,19 @@ class FaceFedAdam(SiteAwareMixin, FedAdam):
     pass
 
 
+class FaceFedMedian(SiteAwareMixin, FedMedian):
+    pass
+
+
+class FaceFedTrimmedAvg(SiteAwareMixin, FedTrimmedAvg):
+    pass
+
+
 def build_strategy(cfg: RunConfig, reference: dict, round_offset: int = 0) -> SiteAwareMixin:
-    """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` of the sites, at least ``min-sites``."""
+    """The strategy ``cfg.strategy`` names, sampling ``fraction-train`` of the sites, at least ``min-sites``.
+
+    ``aggregator = median | trimmed-mean`` swaps the weighted mean for Flower's coordinate-wise median or trimmed
+    mean (robust to a minority of bad updates); with FedProx the sites still add the proximal term."""
     common = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,  # sites report validation metrics with their update; the server evaluates globally
@@ -144,11 +163,15 @@ def build_strategy(cfg: RunConfig, reference: dict, round_offset: int = 0) -> Si
         min_available_nodes=cfg.min_sites,
         train_metrics_aggr_fn=aggregate_site_metrics,
     )
-    if cfg.strategy == "fedavg":
-        strategy: SiteAwareMixin = FaceFedAvg(**common)
+    if cfg.aggregator == "median":
+        strategy: SiteAwareMixin = FaceFedMedian(**common)
+    elif cfg.aggregator == "trimmed-mean":
+        strategy = FaceFedTrimmedAvg(beta=cfg.trim_fraction, **common)
+    elif cfg.strategy == "fedavg":
+        strategy = FaceFedAvg(**common)
     elif cfg.strategy == "fedprox":
         strategy = FaceFedProx(proximal_mu=cfg.proximal_mu, **common)
     else:
         strategy = FaceFedAdam(eta=cfg.server_lr, eta_l=cfg.lr, **common)
-    strategy.init_facefl(reference, round_offset)
+    strategy.init_facefl(reference, round_offset, cfg.max_update_norm)
     return strategy

@@ -73,3 +73,47 @@ def test_site_metrics_are_weighted_and_epsilon_is_a_maximum():
                RecordDict({"m": MetricRecord({"num-examples": 3.0, "train-loss": 3.0, "epsilon": 2.0})})]
     out = aggregate_site_metrics(records, "num-examples")
     assert out["train-loss"] == pytest.approx(2.5) and out["epsilon"] == 5.0 and out["num-examples"] == 4.0
+
+
+def _shifted(reference: dict, c: float) -> dict:
+    return {k: v + c if v.is_floating_point() else v for k, v in reference.items()}
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed-mean"])
+def test_robust_aggregators_ignore_one_poisoned_site(aggregator, reference):
+    """Four honest sites and one that sends a huge (finite) update: the mean follows the attacker, the median and
+    trimmed mean stay with the honest sites."""
+    cfg = RunConfig(task="embedding", dp=False, aggregator=aggregator, trim_fraction=0.2, min_sites=2)
+    strategy = build_strategy(cfg, reference)
+    def replies():
+        honest = [_reply(i + 1, f"s{i}", _shifted(reference, c)) for i, c in enumerate((1.0, 2.0, 3.0, 4.0))]
+        return honest + [_reply(9, "attacker", _shifted(reference, 1e6))]
+
+    arrays, _ = strategy.aggregate_train(1, replies())
+    out = arrays.to_torch_state_dict()
+    k = next(k for k, v in reference.items() if v.is_floating_point())
+    shift = (out[k] - reference[k]).abs().max().item()
+    assert shift <= 4.0 + 1e-3, shift
+    mean, _ = build_strategy(RunConfig(task="embedding", dp=False), reference).aggregate_train(1, replies())
+    assert (mean.to_torch_state_dict()[k] - reference[k]).abs().max().item() > 1e5
+
+
+def test_updates_above_the_norm_bound_are_rejected(reference):
+    cfg = RunConfig(task="embedding", dp=False, max_update_norm=50.0)
+    strategy = build_strategy(cfg, reference)
+    small, big = _shifted(reference, 1e-3), _shifted(reference, 10.0)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(1, "a", small), _reply(2, "b", big)])
+    report = strategy.reports[1]
+    assert set(report.rejected) == {"b"} and "max-update-norm" in report.rejected["b"]
+    assert metrics["num-sites"] == 1
+    k = next(k for k, v in reference.items() if v.is_floating_point())
+    torch.testing.assert_close(arrays.to_torch_state_dict()[k], small[k])
+
+
+def test_robust_aggregator_cannot_be_combined_with_fedadam():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fedadam"):
+        RunConfig(strategy="fedadam", aggregator="median")
+    with pytest.raises(ConfigError, match="trim-fraction"):
+        RunConfig(aggregator="trimmed-mean", trim_fraction=0.5)
