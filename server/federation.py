@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
+from common.audit import AuditLog, app_hash
 from common.config import RunConfig
 from common.models import build_models
 from common.sources import eval_data
@@ -32,6 +33,33 @@ def summarize(server_round: int, num_rounds: int, metrics: dict, privacy: dict, 
     return " | ".join(parts)
 
 
+AUDIT_FILE = "audit.jsonl"
+
+
+def audit_round(audit: AuditLog, server_round: int, report, metrics: dict, privacy: dict, seen: set[str]) -> None:
+    """The server's audit entries for one round: sites that joined or left, rejected updates, exhausted budgets,
+    and the round's results with every site's audit head (so a truncated site log is detectable)."""
+    if report is None:
+        return
+    replied = set(report.sites) | set(report.failed)
+    for site in sorted(replied - seen):
+        audit.append("site-joined", round=server_round, site=site)
+    for site in sorted(seen - replied):
+        audit.append("site-left", round=server_round, site=site)
+    seen.clear()
+    seen.update(replied)
+    for site, reason in sorted(report.rejected.items()):
+        audit.append("update-rejected", round=server_round, site=site, reason=reason)
+    for site, message in sorted(report.declined.items()):
+        audit.append("budget-exhausted", round=server_round, site=site, message=message,
+                     epsilon=privacy.get(site, {}).get("epsilon"))
+    used = sorted(set(report.sites) - set(report.declined) - set(report.rejected))
+    audit.append("round-results", round=server_round, aggregated=used, declined=sorted(report.declined),
+                 rejected=sorted(report.rejected), failed=sorted(report.failed), metrics=metrics,
+                 epsilon={s: privacy.get(s, {}).get("epsilon") for s in sorted(report.sites)},
+                 site_audit_heads=dict(sorted(report.audit_heads.items())))
+
+
 def run_federation(grid, cfg: RunConfig) -> Path:
     """Run (or resume) the federation described by ``cfg`` on ``grid``; returns the run directory."""
     models = build_models(cfg)
@@ -42,6 +70,14 @@ def run_federation(grid, cfg: RunConfig) -> Path:
     else:
         run = RunDirectory.create(cfg.run_dir or default_run_dir(), cfg)
     start_round = checkpoint["round"] if checkpoint else 0
+    audit = AuditLog(run.path / AUDIT_FILE, actor="server")
+    audit.append("run-started", app_hash=app_hash(), resumed_after_round=start_round, config=cfg.to_mapping(),
+                 dp={"enabled": cfg.dp, "target_epsilon": cfg.target_epsilon, "target_delta": cfg.target_delta,
+                     "max_grad_norm": cfg.max_grad_norm, "accountant": cfg.accountant,
+                     "planned_rounds": cfg.planned_rounds or cfg.num_rounds},
+                 aggregation={"strategy": cfg.strategy, "aggregator": cfg.aggregator,
+                              "max_update_norm": cfg.max_update_norm, "min_sites": cfg.min_sites})
+    seen: set[str] = set()
     state = checkpoint["state_dict"] if checkpoint else reference
     if checkpoint:
         models.load_state_dict(state)
@@ -72,6 +108,7 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         run.record_round(absolute, metrics, seconds, strategy.train_metrics.get(absolute), report)
         if absolute > 0:
             run.save_checkpoint(absolute, current, strategy.server_state())
+        audit_round(audit, absolute, report, metrics, run.metrics["privacy"], seen)
         log.info("facefl %s", summarize(absolute, cfg.num_rounds, metrics, run.metrics["privacy"], seconds))
         timer["t"] = time.perf_counter()
         return MetricRecord(metrics)
@@ -87,6 +124,9 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         )
     except BaseException as exc:
         run.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        audit.append("run-finished", status="failed", error=f"{type(exc).__name__}: {exc}",
+                     completed_rounds=run.metrics["run"].get("completed_rounds", 0))
         raise
     run.finish()
+    audit.append("run-finished", status="completed", completed_rounds=run.metrics["run"].get("completed_rounds", 0))
     return run.path

@@ -35,6 +35,7 @@ class RoundReport:
     declined: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    audit_heads: dict[str, str] = field(default_factory=dict)  # each site's newest audit-log hash
 
 
 def aggregate_site_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
@@ -90,6 +91,8 @@ class SiteAwareMixin:
                 report.rejected[name] = "reply has no metrics"
                 continue
             report.sites[name] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+            if "site" in content.config_records and "audit-head" in content["site"]:
+                report.audit_heads[name] = str(content["site"]["audit-head"])
             if float(metrics.get("declined", 0.0)) > 0:
                 report.declined[name] = str(content["site"]["message"]) if "site" in content.config_records else ""
                 continue

@@ -29,6 +29,17 @@ app.add_typer(data_app, name="data")
 style_app = typer.Typer(no_args_is_help=True, help="Style transfer for anonymization: train, list, export.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(style_app, name="style")
+audit_app = typer.Typer(no_args_is_help=True, help="Hash-chained audit logs of the server and the sites.")
+app.add_typer(audit_app, name="audit")
+
+
+def _add_deploy() -> None:
+    from simulations.deploy_cli import deploy_app
+
+    app.add_typer(deploy_app, name="deploy")
+
+
+_add_deploy()
 console = Console(stderr=True)
 
 
@@ -142,7 +153,12 @@ def _write_report(run_dirs: list, *, out: Optional[str] = None, summary: Optiona
     options = {k: v for k, v in gate_options.items() if v is not None}
 
     def make_gate():
-        return build_gate(site="report", log=log, **options)
+        audit = None
+        if len(run_dirs) == 1 and (Path(run_dirs[0]) / "audit.jsonl").is_file():  # the run's log records egress
+            from common.audit import AuditLog
+
+            audit = AuditLog(Path(run_dirs[0]) / "audit.jsonl", actor="report")
+        return build_gate(site="report", log=log, audit=audit, **options)
 
     factory = make_gate if images else None
 
@@ -181,6 +197,24 @@ def report(
     _write_report(runs, out=out, summary=summary, anonymization=anonymization, images=images, method=method,
                   style=style, stylizer=stylizer, stylizer_sha256=sha256, strength=strength,
                   data=data or _default_lfw())
+
+
+@audit_app.command("verify")
+def audit_verify(
+    files: list[str] = typer.Argument(..., help="Audit logs (RUN/audit.jsonl, a site's STATE/audit.jsonl)."),
+    head: Optional[str] = typer.Option(None, help="A head hash recorded elsewhere (the server's log records each "
+                                       "site's); it must still be in the chain, or the log was cut short."),
+) -> None:
+    """Check that audit logs are unbroken hash chains (no entry edited, deleted, reordered or cut off).
+    Exit 0 when every log verifies, 1 otherwise."""
+    from common.audit import summarize, verify_log
+
+    failed = False
+    for path in files:
+        report = verify_log(path, expected_head=head)
+        Console().print(summarize(report), markup=False, highlight=False)
+        failed = failed or not report.ok
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()

