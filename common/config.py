@@ -45,6 +45,7 @@ class RunConfig:
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     round_timeout: float = 3600.0
+    quorum_timeout: float = 600.0
     aggregator: str = "mean"
     trim_fraction: float = 0.2
     max_update_norm: float = 0.0
@@ -110,7 +111,7 @@ class RunConfig:
         choice("aggregator", AGGREGATORS)
         for name in ("num_rounds", "local_epochs", "batch_size", "embedding_dim", "latent_dim", "min_sites",
                      "lr", "vae_lr", "scale", "max_grad_norm", "target_epsilon", "dirichlet_alpha",
-                     "round_timeout", "server_lr"):
+                     "round_timeout", "server_lr", "quorum_timeout"):
             positive(name)
         for name in ("proximal_mu", "margin", "vae_beta", "max_identities", "eval_pairs", "eval_faces",
                      "planned_rounds", "target_delta", "max_update_norm"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,29 @@ from common.config import RunConfig
 from common.models import check_state, update_norm
 
 log = logging.getLogger("facefl.server")
+
+
+class QuorumError(RuntimeError):
+    """Fewer than ``min-sites`` sites stayed connected for longer than ``quorum-timeout``."""
+
+
+def wait_for_quorum(grid, min_sites: int, timeout: float, *, poll: float = 1.0) -> list[int]:
+    """The connected node ids once at least ``min_sites`` are connected; :class:`QuorumError` after ``timeout``
+    seconds without a quorum (Flower itself would wait forever)."""
+    deadline = time.monotonic() + timeout
+    last_logged = -1
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= min_sites:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise QuorumError(f"Only {len(nodes)} of the required {min_sites} sites (min-sites) were connected for "
+                              f"{timeout:g} s (quorum-timeout); the run ends here. Start more sites, or lower "
+                              "min-sites, and resume the run.")
+        if len(nodes) != last_logged:
+            log.info("waiting for sites: %d connected, %d required (up to %g s)", len(nodes), min_sites, timeout)
+            last_logged = len(nodes)
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
 
 
 @dataclass
@@ -61,8 +85,10 @@ class SiteAwareMixin:
 
     round_offset: int = 0
 
-    def init_facefl(self, reference: dict, round_offset: int = 0, max_update_norm: float = 0.0) -> None:
+    def init_facefl(self, reference: dict, round_offset: int = 0, max_update_norm: float = 0.0,
+                    min_sites: int = 1, quorum_timeout: float = 600.0) -> None:
         self.round_offset = round_offset
+        self.min_sites, self.quorum_timeout = int(min_sites), float(quorum_timeout)
         self._reference = reference  # expected entries, shapes and dtypes of an update
         self._global = reference  # the weights sent this round (update norms are measured against them)
         self.max_update_norm = float(max_update_norm)
@@ -72,6 +98,7 @@ class SiteAwareMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         absolute = server_round + self.round_offset
         config["round"] = absolute
+        wait_for_quorum(grid, self.min_sites, self.quorum_timeout)
         self._global = arrays.to_torch_state_dict()
         return super().configure_train(absolute, arrays, config, grid)  # type: ignore[misc]
 
@@ -176,5 +203,5 @@ def build_strategy(cfg: RunConfig, reference: dict, round_offset: int = 0) -> Si
         strategy = FaceFedProx(proximal_mu=cfg.proximal_mu, **common)
     else:
         strategy = FaceFedAdam(eta=cfg.server_lr, eta_l=cfg.lr, **common)
-    strategy.init_facefl(reference, round_offset, cfg.max_update_norm)
+    strategy.init_facefl(reference, round_offset, cfg.max_update_norm, cfg.min_sites, cfg.quorum_timeout)
     return strategy

@@ -117,3 +117,25 @@ def test_robust_aggregator_cannot_be_combined_with_fedadam():
         RunConfig(strategy="fedadam", aggregator="median")
     with pytest.raises(ConfigError, match="trim-fraction"):
         RunConfig(aggregator="trimmed-mean", trim_fraction=0.5)
+
+
+class _Grid:
+    """The transport, faked: which nodes are connected at each call."""
+
+    def __init__(self, *connected: list[int]) -> None:
+        self.connected = list(connected)
+
+    def get_node_ids(self):
+        return self.connected.pop(0) if len(self.connected) > 1 else self.connected[0]
+
+
+def test_quorum_is_awaited_then_the_run_ends_with_a_clear_message():
+    import time
+
+    from server.strategy import QuorumError, wait_for_quorum
+
+    assert wait_for_quorum(_Grid([1], [1, 2], [1, 2, 3]), 3, 5.0, poll=0.01) == [1, 2, 3]
+    start = time.monotonic()
+    with pytest.raises(QuorumError, match="Only 1 of the required 3 sites"):
+        wait_for_quorum(_Grid([7]), 3, 0.3, poll=0.05)
+    assert 0.25 < time.monotonic() - start < 2.0  # bounded: never a hang
