@@ -35,8 +35,11 @@ app.add_typer(audit_app, name="audit")
 
 def _add_deploy() -> None:
     from simulations.deploy_cli import deploy_app
+    from simulations.deploy_run import site_command, superlink_command
 
     app.add_typer(deploy_app, name="deploy")
+    app.command("superlink")(superlink_command)
+    app.command("site")(site_command)
 
 
 _add_deploy()

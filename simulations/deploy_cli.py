@@ -36,12 +36,10 @@ def init(
     typer.echo(f"  SuperLink host: {dep.superlink_dir}/")
     for name in dep.sites:
         typer.echo(f"  site {name}:{' ' * max(1, 9 - len(name))}{dep.site(name).path}/  (only to that site)")
-    typer.echo("Start the SuperLink with:\n"
-               f"  flower-superlink --ssl-ca-certfile {dep.superlink_ca_cert} --ssl-certfile {dep.server_cert} "
-               f"--ssl-keyfile {dep.server_key} --enable-supernode-auth --host 0.0.0.0 "
-               f"--port {dep.ports['superlink']} --database superlink.db")
-    typer.echo(f"then add {dep.connection_file} to $FLWR_HOME/config.toml and allow each site with:\n"
-               f"  flwr supernode register {dep.allow_list_dir}/<site>.pub facefl --name <site>")
+    typer.echo("Then, on the SuperLink host:\n"
+               f"  facefl superlink --deployment {dep.root}\n"
+               "and at each site, with its own bundle:\n"
+               "  facefl site --deployment BUNDLE --site NAME --data /path/to/its/faces")
 
 
 @deploy_app.command("add-site")
@@ -54,8 +52,9 @@ def add_site_cmd(
 
     bundle = add_site(deployment, name)
     dep = load_deployment(deployment)
-    typer.echo(f"Added site {name}: give {bundle}/ to that site only, then on the SuperLink run\n"
-               f"  flwr supernode register {dep.allow_list()[name]} facefl --name {name}")
+    typer.echo(f"Added site {name}: give {bundle}/ to that site only. A running `facefl superlink` registers it "
+               f"on SIGHUP (or restart it); by hand: flwr supernode register {dep.allow_list()[name]} facefl "
+               f"--name {name}")
 
 
 @deploy_app.command("revoke-site")
@@ -67,5 +66,5 @@ def revoke_site_cmd(
     from server.provision import revoke_site
 
     revoke_site(deployment, name)
-    typer.echo(f"Revoked site {name}. On the SuperLink, unregister its node so it can no longer connect:\n"
-               "  flwr supernode unregister <node-id> facefl   (the node id `flwr supernode register` printed)")
+    typer.echo(f"Revoked site {name}. A running `facefl superlink` unregisters its node on SIGHUP (or restart "
+               "it); until then the site can still connect.")

@@ -264,7 +264,7 @@ def test_cli(tmp_path):
     result = runner.invoke(app, ["deploy", "init", "--server-host", "10.0.0.5", "--sites", "a, b,c",
                                  "--out", str(out), "--san", "superlink.lan"])
     assert result.exit_code == 0, result.output
-    assert "flower-superlink" in result.output and "--enable-supernode-auth" in result.output
+    assert "facefl superlink --deployment" in result.output and "facefl site --deployment" in result.output
     result = runner.invoke(app, ["deploy", "add-site", "d", "--deployment", str(out)])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["deploy", "revoke-site", "a", "--deployment", str(out)])
