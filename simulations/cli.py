@@ -503,7 +503,9 @@ def main() -> None:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted; completed rounds are checkpointed (resume with --resume RUN_DIR).")
+        hint = " Completed rounds are checkpointed: resume with --resume RUN_DIR." if sys.argv[1:2] == ["simulate"] \
+            else ""
+        console.print(f"interrupted.{hint}")
         sys.exit(130)
 
 
