@@ -8,6 +8,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.privacy import PrivacyLedger
+from client.secure import (
+    is_secure,
+    received_global,
+    requires_secure_aggregation,
+    secure_aggregation_mod,
+    secure_train_reply,
+)
 from client.site import RoundResult, Site, SiteState, run_round
 from common.config import RunConfig
 from common.egress import array_signature, check_reply
@@ -38,17 +45,35 @@ def _save_node_state(context: Context, site_state: SiteState) -> None:
         context.state.array_records[_DISC_KEY] = ArrayRecord(site_state.discriminator)
 
 
-def make_client_app(overrides: dict | None = None) -> ClientApp:
+def make_client_app(overrides: dict | None = None, mods: list | None = None) -> ClientApp:
     """A ClientApp reading the run config from Flower's context, with ``overrides`` on top
-    (``facefl simulate`` passes its options this way)."""
+    (``facefl simulate`` passes its options this way). ``mods`` run inside the secure-aggregation mod, so they see
+    a site's plain reply before it is masked."""
     client_app = ClientApp()
 
-    @client_app.train()
+    @client_app.train(mods=[secure_aggregation_mod, *(mods or [])])
     def _train(msg: Message, context: Context) -> Message:
         cfg = RunConfig.from_mapping({**dict(context.run_config), **(overrides or {})})
+        if is_secure(msg):
+            return secure_train_round(msg, context, cfg)
+        if requires_secure_aggregation(dict(context.node_config)):
+            raise PermissionError("This site takes part only in securely aggregated rounds "
+                                  "(require-secure-aggregation); start the run with secure-aggregation=true.")
         return train_round(msg, context, cfg)
 
     return client_app
+
+
+def secure_train_round(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """One round under SecAgg+ (called by Flower's ``secaggplus_mod`` in its masking stage): train as in
+    :func:`train_round`, reply with the update for the mod to mask."""
+    global_state, config = received_global(msg, cfg)
+    site = Site.from_node_config(dict(context.node_config), default_state_root=str(config["state-root"]))
+    result: RoundResult = run_round(cfg, site, global_state, int(config["round"]), _node_state(context))
+    _save_node_state(context, result.site_state)
+    return secure_train_reply(msg, global_state, result.state, result.metrics,
+                              {"site-name": site.name, "message": result.message, "audit-head": result.audit_head},
+                              cfg)
 
 
 def train_round(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -49,6 +49,11 @@ class RunConfig:
     aggregator: str = "mean"
     trim_fraction: float = 0.2
     max_update_norm: float = 0.0
+    secure_aggregation: bool = False
+    secagg_threshold: float = 0.67
+    secagg_clip_range: float = 1.0
+    secagg_max_examples: int = 10000
+    secagg_timeout: float = 120.0
     # Local training
     local_epochs: int = 1
     batch_size: int = 32
@@ -111,7 +116,8 @@ class RunConfig:
         choice("aggregator", AGGREGATORS)
         for name in ("num_rounds", "local_epochs", "batch_size", "embedding_dim", "latent_dim", "min_sites",
                      "lr", "vae_lr", "scale", "max_grad_norm", "target_epsilon", "dirichlet_alpha",
-                     "round_timeout", "server_lr", "quorum_timeout"):
+                     "round_timeout", "server_lr", "quorum_timeout", "secagg_clip_range", "secagg_max_examples",
+                     "secagg_timeout"):
             positive(name)
         for name in ("proximal_mu", "margin", "vae_beta", "max_identities", "eval_pairs", "eval_faces",
                      "planned_rounds", "target_delta", "max_update_norm"):
@@ -134,6 +140,18 @@ class RunConfig:
         if self.aggregator != "mean" and self.strategy == "fedadam":
             raise ConfigError(f"aggregator={self.aggregator} replaces FedAvg's weighted mean; it cannot be combined "
                               "with strategy=fedadam (use fedavg or fedprox).")
+        if not 0.0 < self.secagg_threshold <= 1.0:
+            raise ConfigError(f"secagg-threshold must be in (0, 1]; got {self.secagg_threshold!r}.")
+        if self.secure_aggregation:
+            clash = [f"aggregator={self.aggregator}"] if self.aggregator != "mean" else []
+            clash += ["max-update-norm > 0"] if self.max_update_norm > 0 else []
+            clash += ["strategy=fedadam"] if self.strategy == "fedadam" else []
+            if clash:
+                raise ConfigError(
+                    f"secure-aggregation=true cannot be combined with {' and '.join(clash)}: under SecAgg+ the server "
+                    "sees only the sum of the sites' updates, so it cannot take a median, bound one site's update "
+                    "or run FedAdam on it. Use strategy fedavg or fedprox with aggregator=mean and max-update-norm=0, "
+                    "or turn secure aggregation off.")
         if self.target_delta >= 1.0:
             raise ConfigError(f"target-delta must be below 1 (and below 1/N for N examples); got {self.target_delta!r}.")
         if self.dp and self.loss == "triplet":

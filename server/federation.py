@@ -14,6 +14,7 @@ from common.models import build_models
 from common.sources import eval_data
 from server.evaluate import evaluate_global
 from server.rundir import RunDirectory, default_run_dir
+from server.secure_rounds import run_secure_rounds
 from server.strategy import build_strategy
 
 log = logging.getLogger("facefl.server")
@@ -76,7 +77,8 @@ def run_federation(grid, cfg: RunConfig) -> Path:
                      "max_grad_norm": cfg.max_grad_norm, "accountant": cfg.accountant,
                      "planned_rounds": cfg.planned_rounds or cfg.num_rounds},
                  aggregation={"strategy": cfg.strategy, "aggregator": cfg.aggregator,
-                              "max_update_norm": cfg.max_update_norm, "min_sites": cfg.min_sites})
+                              "max_update_norm": cfg.max_update_norm, "min_sites": cfg.min_sites,
+                              "secure_aggregation": cfg.secure_aggregation})
     seen: set[str] = set()
     state = checkpoint["state_dict"] if checkpoint else reference
     if checkpoint:
@@ -113,15 +115,13 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         timer["t"] = time.perf_counter()
         return MetricRecord(metrics)
 
+    train_config = ConfigRecord({"state-root": str(state_root.resolve())})
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(state),
-            num_rounds=remaining,
-            timeout=cfg.round_timeout,
-            train_config=ConfigRecord({"state-root": str(state_root.resolve())}),
-            evaluate_fn=evaluate_fn,
-        )
+        if cfg.secure_aggregation:
+            run_secure_rounds(grid, strategy, ArrayRecord(state), remaining, train_config, evaluate_fn, cfg)
+        else:
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
+                           timeout=cfg.round_timeout, train_config=train_config, evaluate_fn=evaluate_fn)
     except BaseException as exc:
         run.finish("failed", error=f"{type(exc).__name__}: {exc}")
         audit.append("run-finished", status="failed", error=f"{type(exc).__name__}: {exc}",
