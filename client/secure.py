@@ -28,9 +28,11 @@ from flwr.compat.common import recorddict_compat as compat
 from common.config import RunConfig
 from common.egress import array_signature, check_reply
 from common.models import build_models, check_state
-from common.secagg import KEYS_CONFIG, WEIGHT_METRIC
+from common.secagg import KEYS_CONFIG, WEIGHT_METRIC, use_strong_masks
 
 log = logging.getLogger("facefl.client")
+
+use_strong_masks()  # ChaCha20 mask expansion instead of Flower's 32-bit-seeded RandomState (common.secagg)
 
 REQUIRE_KEY = "require-secure-aggregation"  # node config: refuse rounds that are not securely aggregated
 

@@ -430,6 +430,9 @@ def _site_toml(name: str, host: str) -> bytes:
         "# Pass --trusted-entities. Flower 1.42 carries app signatures only for Flower Hub apps, so with this on\n"
         "# the SuperNode refuses every app sent with `flwr run .` to our own SuperLink.\n"
         "require-signed-apps = false\n"
+        "# Take part only in rounds run with secure-aggregation=true (SecAgg+): the server then never holds this\n"
+        "# site's update on its own. A plain round is refused (the run goes on without this site).\n"
+        "require-secure-aggregation = false\n"
     ).encode()
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.common.logger import log as flwr_log
 from flwr.common import FitIns, FitRes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -32,10 +33,12 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from common.config import RunConfig
-from common.secagg import KEYS_CONFIG, MODULUS, WEIGHT_METRIC, quantization_range
+from common.secagg import KEYS_CONFIG, MODULUS, WEIGHT_METRIC, quantization_range, use_strong_masks
 from server.strategy import RoundReport, SiteAwareMixin, aggregate_site_metrics, wait_for_quorum
 
 log = logging.getLogger("facefl.server")
+
+use_strong_masks()  # ChaCha20 mask expansion instead of Flower's 32-bit-seeded RandomState (common.secagg)
 
 
 class BoundedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -185,7 +188,8 @@ def run_secure_rounds(grid, strategy: SiteAwareMixin, initial_arrays: ArrayRecor
     evaluate_fn(0, initial_arrays)
     for server_round in range(1, num_rounds + 1):
         absolute = server_round + strategy.round_offset
-        log.info("[ROUND %d/%d] secure aggregation (SecAgg+)", server_round, num_rounds)
+        flwr_log(logging.INFO, "")  # as Flower's own round loop prints it (its logger reaches `flwr log`)
+        flwr_log(logging.INFO, "[ROUND %d/%d] (secure aggregation, SecAgg+)", server_round, num_rounds)
         nodes = wait_for_quorum(grid, cfg.min_sites, cfg.quorum_timeout)
         sampled = sample_sites(list(nodes), cfg.fraction_train, cfg.min_sites, rng)
         result = secure_round(grid, sampled, keys, [current[k].numpy() for k in keys],

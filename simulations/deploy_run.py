@@ -279,11 +279,12 @@ class SiteSettings:
     state: Path
     runtime_port: int
     trusted_entities: Path | None = None
+    require_secure_aggregation: bool = False
 
 
 def resolve_site(deployment_dir: str | Path, site: str, *, data: str | Path | None = None,
                  state: str | Path | None = None, superlink: str | None = None,
-                 runtime_port: int | None = None) -> SiteSettings:
+                 runtime_port: int | None = None, require_secure_aggregation: bool | None = None) -> SiteSettings:
     """Find the site's bundle and settings (command line over ``site.toml``), and check its data folder."""
     name = check_site_name(site)
     bundle, ports = _find_bundle(Path(deployment_dir).expanduser().absolute(), name)
@@ -322,15 +323,18 @@ def resolve_site(deployment_dir: str | Path, site: str, *, data: str | Path | No
     if trusted is not None and not trusted.is_file():
         raise FileNotFoundError(f"require-signed-apps is set in {bundle / SITE_CONFIG} but {trusted} is missing.")
     port = runtime_port if runtime_port is not None else ports.get("supernode_runtime", SUPERNODE_RUNTIME_PORT)
+    secure = bool(config.get("require-secure-aggregation", False)) if require_secure_aggregation is None \
+        else require_secure_aggregation
     return SiteSettings(name, bundle, address, ca_cert, private_key, data_path, state_dir, _check_port(port),
-                        trusted)
+                        trusted, secure)
 
 
 def supernode_argv(settings: SiteSettings, *, max_retries: int | None = None,
                    max_wait_time: float | None = None) -> list[str]:
     """The ``flower-supernode`` command line for a site."""
     node_config = " ".join(f"{key}={_node_config_value(value)}" for key, value in (
-        ("data-path", str(settings.data)), ("site-name", settings.name), ("state-dir", str(settings.state))))
+        ("data-path", str(settings.data)), ("site-name", settings.name), ("state-dir", str(settings.state)),
+        ("require-secure-aggregation", "true" if settings.require_secure_aggregation else "false")))
     argv = [_flower_bin("flower-supernode"),
             "--superlink", settings.superlink,
             "--root-certificates", str(settings.ca_cert),
@@ -349,13 +353,14 @@ def supernode_argv(settings: SiteSettings, *, max_retries: int | None = None,
 
 def run_site(deployment_dir: str | Path, site: str, *, data: str | Path | None = None,
              state: str | Path | None = None, superlink: str | None = None, runtime_port: int | None = None,
-             max_retries: int | None = None, max_wait_time: float | None = None, echo: bool = True) -> int:
+             max_retries: int | None = None, max_wait_time: float | None = None, echo: bool = True,
+             require_secure_aggregation: bool | None = None) -> int:
     """Start one site's SuperNode and stay in the foreground until a signal (or until it exits).
 
     Returns 0 after a stop by signal, else flower-supernode's exit status (non-zero when the SuperLink refuses the
     site or cannot be reached within ``max_retries`` / ``max_wait_time``; by default it retries forever)."""
     settings = resolve_site(deployment_dir, site, data=data, state=state, superlink=superlink,
-                            runtime_port=runtime_port)
+                            runtime_port=runtime_port, require_secure_aggregation=require_secure_aggregation)
     settings.state.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _exclusive(settings.state, f"facefl site {settings.name}"):
         _check_bindable("127.0.0.1", settings.runtime_port,
@@ -925,11 +930,16 @@ def site_command(
                                               "connection attempts (default: never)."),
     max_wait_time: Optional[float] = typer.Option(None, "--max-wait-time", help="Give up reconnecting after "
                                                   "this many seconds (default: never)."),
+    require_secure_aggregation: Optional[bool] = typer.Option(
+        None, "--require-secure-aggregation/--allow-plain-aggregation",
+        help="Refuse rounds that are not securely aggregated (SecAgg+), so the server never holds this site's "
+             "update alone (default: require-secure-aggregation in site.toml, else allow)."),
 ) -> None:
     """Run this site's SuperNode: it trains on the local faces when the SuperLink asks; stays in the foreground
     until Ctrl-C."""
     raise typer.Exit(run_site(deployment, site, data=data, state=state, superlink=superlink,
-                              runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time))
+                              runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time,
+                              require_secure_aggregation=require_secure_aggregation))
 
 
 def _main() -> None:

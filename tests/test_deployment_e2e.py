@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -29,6 +30,7 @@ from simulations.deploy_run import (
     CONNECTION,
     IMAGE_SUFFIXES,
     DeploymentRunError,
+    _process_table,
     flwr_json,
     list_nodes,
     run_logs,
@@ -54,6 +56,8 @@ class Federation:
     tmp: Path
     procs: list[subprocess.Popen] = field(default_factory=list)  # everything started, stopped at the end
     superlinks: list[tuple[subprocess.Popen, Path]] = field(default_factory=list)
+    sites: dict[str, subprocess.Popen] = field(default_factory=dict)  # the running `facefl site` processes
+    site_outs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -268,23 +272,21 @@ def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root):
     states = {s: tmp / "site-state" / s for s in SITES}
     outs = {s: tmp / f"site-{s}.out" for s in SITES}
     for s in SITES:
-        federation.procs.append(_start(
+        federation.sites[s] = _start(
             [sys.executable, "-m", "simulations.deploy_run", "site", "--deployment", federation.root, "--site", s,
              "--data", data[s], "--state", states[s], "--superlink", federation.address,
-             "--runtime-port", _free_port()], outs[s]))
-    site_procs = federation.procs[-3:]
-    node_ids = {s: int(e["node_id"]) for s, e in
-                json.loads((federation.state / "nodes.json").read_text())["nodes"].items()}
+             "--runtime-port", _free_port()], outs[s])
+        federation.procs.append(federation.sites[s])
+    federation.site_outs.update(outs)
+    site_procs = list(federation.sites.values())
+    node_ids = _node_ids(federation)
     _wait_for(lambda: all(_nodes(federation).get(node_ids[s]) == "online" for s in SITES)
               or any(p.poll() is not None for p in site_procs), 120, "the sites did not connect", *outs.values())
     assert all(p.poll() is None for p in site_procs), {s: outs[s].read_text()[-2000:] for s in SITES}
     assert all("connected to the SuperLink" in outs[s].read_text() for s in SITES)
 
     run_dir = tmp / "run"
-    run_id = start_run(federation.root, federation.state, REPO, {
-        "task": "embedding", "data": str(lfw_root), "num-rounds": 2, "min-sites": 3, "dp": True,
-        "target-epsilon": 50, "accountant": "rdp", "batch-size": 16, "eval-pairs": 100, "eval-faces": 16,
-        "run-dir": str(run_dir), "cache-dir": str(tmp / "cache"), "round-timeout": 120})
+    run_id = start_run(federation.root, federation.state, REPO, _run_config(lfw_root, tmp))
     status = wait_run(federation.root, federation.state, run_id, timeout=240, poll=2)
     logs = run_logs(federation.root, federation.state, run_id)
     assert status == "finished:completed", logs[-4000:]
@@ -313,31 +315,104 @@ def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root):
         report = verify_log(states[s] / "audit.jsonl", expected_head=heads[-1][s])  # anchored in the server log
         assert report.ok and report.events.get("round-trained") == 2, report.problems
         assert not (run_dir / "sites" / s).exists()  # a deployed site keeps its state at the site
+    # The sites stay up for test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run.
 
-    # Stopping a site (as Ctrl-C does) stops everything under it, and the SuperLink sees it go.
-    for p in site_procs:
-        _stop(p)
-        assert p.returncode == 0
-    assert all("stopped flower-supernode" in outs[s].read_text() for s in SITES)
-    _wait_for(lambda: not any("simulations.deploy_run site" in line or "flower-supernode" in line
-                              for line in _leftover_processes()), 20, "site processes left running")
+
+def _node_ids(fed: Federation) -> dict[str, int]:
+    return {s: int(e["node_id"]) for s, e in json.loads((fed.state / "nodes.json").read_text())["nodes"].items()}
+
+
+def _run_config(lfw_root: Path, tmp: Path, **changes) -> dict:
+    """The deployment runs' config: a small DP run whose budget is planned over 3 rounds."""
+    return {"task": "embedding", "data": str(lfw_root), "num-rounds": 2, "min-sites": 3, "dp": True,
+            "target-epsilon": 50, "accountant": "rdp", "batch-size": 16, "eval-pairs": 100, "eval-faces": 16,
+            "run-dir": str(tmp / "run"), "cache-dir": str(tmp / "cache"), "round-timeout": 120, "planned-rounds": 3,
+            **changes}
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and everything under it (descendants, and the sessions and process groups they lead: Flower
+    starts its SuperExec in a session of its own), all stopped first so that nothing reacts to the others' death."""
+    table = _process_table()
+    ours, changed = {proc.pid}, True
+    while changed:
+        changed = False
+        for pid, (ppid, pgrp, sid, _start, _state) in table.items():
+            if pid not in ours and pid != os.getpid() and (ppid in ours or pgrp in ours or sid in ours):
+                ours.add(pid)
+                changed = True
+    for signum in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in ours:
+            with _suppress():
+                os.kill(pid, signum)
+    proc.wait(timeout=10)
+    _wait_for(lambda: all(_process_table().get(pid, (0, 0, 0, 0, "Z"))[4] == "Z" for pid in ours), 20,
+              "a killed process tree did not go away")
 
 
 @pytest.mark.slow
-def test_a_restart_keeps_registrations_and_runs_and_sighup_applies_a_revocation(federation):
-    """The SuperLink's database and nodes.json survive a restart (nothing is registered twice, past runs are
-    still listed); after `deploy revoke-site`, SIGHUP unregisters the site and its (saved) key is refused."""
-    before = json.loads((federation.state / "nodes.json").read_text())["nodes"]
+def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lfw_root):
+    """SIGKILL the SuperLink (its whole tree) and start it again on the same state: registrations and past runs are
+    kept and the sites reconnect on their own. The 2-round run of test_three_sites_train_a_dp_run_over_tls then
+    resumes for round 3, under secure aggregation, and site c's whole tree is killed while the round runs: SecAgg+
+    unmasks the mean of a and b and the run completes. Last, `deploy revoke-site c` and SIGHUP unregister c, and its
+    (saved) key is refused."""
+    tmp = federation.tmp
+    run_dir = tmp / "run"
+    assert json.loads((run_dir / "metrics.json").read_text())["run"]["completed_rounds"] == 2  # the earlier run
+    procs, outs = federation.sites, federation.site_outs
+    assert set(procs) == set(SITES) and all(p.poll() is None for p in procs.values())
+    states = {s: tmp / "site-state" / s for s in SITES}
+    eps_before = {s: PrivacyLedger.load(states[s]).spent for s in SITES}
+    node_ids = _node_ids(federation)
+    registered = json.loads((federation.state / "nodes.json").read_text())["nodes"]
     runs_before = flwr_json(federation.state, "list", CONNECTION)["runs"]
-    _stop(federation.superlink)
-    assert federation.superlink.returncode == 0
-    _start_superlink(federation, federation.tmp / "superlink-restarted.out")
-    out = federation.superlink_out
-    assert "registered site" not in out.read_text()
-    assert json.loads((federation.state / "nodes.json").read_text())["nodes"] == before
-    assert flwr_json(federation.state, "list", CONNECTION)["runs"] == runs_before
 
-    saved_key = federation.tmp / "c-supernode.key"
+    # The SuperLink dies outright (no clean stop) and comes back on the same state folder.
+    killed, killed_out = federation.superlink, federation.superlink_out
+    _kill_tree(killed)
+    federation.superlinks.remove((killed, killed_out))  # not stopped by SIGTERM: left out of the final check
+    _start_superlink(federation, tmp / "superlink-after-kill.out")
+    out = federation.superlink_out
+    assert "registered site" not in out.read_text()  # the registrations survived
+    assert json.loads((federation.state / "nodes.json").read_text())["nodes"] == registered
+    runs_after = {r["run-id"]: r for r in flwr_json(federation.state, "list", CONNECTION)["runs"]}
+    assert {r["run-id"] for r in runs_before} <= set(runs_after)
+    _wait_for(lambda: all(_nodes(federation).get(node_ids[s]) == "online" for s in SITES), 120,
+              "the sites did not reconnect", out, *outs.values())
+    assert all(p.poll() is None for p in procs.values()), {s: outs[s].read_text()[-2000:] for s in SITES}
+
+    # Round 3, resumed, securely aggregated; site c is killed (its whole tree) while the round runs.
+    run_id = start_run(federation.root, federation.state, REPO, _run_config(
+        lfw_root, tmp, **{"num-rounds": 3, "min-sites": 2, "resume-from": str(run_dir), "secure-aggregation": True,
+                          "round-timeout": 45, "secagg-timeout": 20}))
+    _wait_for(lambda: "[ROUND 1/1] (secure aggregation" in run_logs(federation.root, federation.state, run_id), 120,
+              "round 3 did not start", out)
+    time.sleep(3)  # into the protocol (key exchange or training)
+    _kill_tree(procs["c"])
+    status = wait_run(federation.root, federation.state, run_id, timeout=240, poll=2)
+    logs = run_logs(federation.root, federation.state, run_id)
+    assert status == "finished:completed", logs[-4000:]
+    assert "Secure aggregation completed" in logs, logs[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rounds = {r["round"]: r for r in metrics["rounds"]}
+    assert set(rounds) == {0, 1, 2, 3} and metrics["run"]["completed_rounds"] == 3
+    assert [r["from_round"] for r in metrics["run"]["resumed"]] == [2]
+    assert set(rounds[3]["sites"]) == {"a", "b"} and f"node-{node_ids['c']}" in rounds[3]["failed"], rounds[3]
+    assert all(rounds[3]["sites"][s]["secagg-weight"] > 0 for s in ("a", "b"))
+    second, third = (torch.load(run_dir / "checkpoints" / f"round-000{r}.pt", weights_only=True)["state_dict"]
+                     for r in (2, 3))
+    assert any(not torch.equal(second[k], third[k]) for k in third)  # a and b's securely aggregated update applied
+    for s in SITES:
+        ledger = PrivacyLedger.load(states[s])
+        trained = [r["round"] for r in ledger.rounds if r["status"] == "trained"]
+        assert trained == [1, 2, 3] if s != "c" else trained[:2] == [1, 2], (s, ledger.rounds)
+        assert eps_before[s] <= ledger.spent <= 50 + 1e-6
+    server_log = verify_log(run_dir / "audit.jsonl")
+    assert server_log.ok, server_log.problems
+
+    # A revoked site: SIGHUP unregisters it, `facefl site` refuses to start it, and its saved key is refused.
+    saved_key = tmp / "c-supernode.key"
     shutil.copy2(federation.root / "sites" / "c" / "supernode.key", saved_key)
     revoke_site(federation.root, "c")
     os.kill(federation.superlink.pid, signal.SIGHUP)
@@ -346,13 +421,12 @@ def test_a_restart_keeps_registrations_and_runs_and_sighup_applies_a_revocation(
     assert nodes["c"]["status"] == "unregistered" and nodes["c"]["reason"] == "revoked"
     assert _nodes(federation)[int(nodes["c"]["node_id"])] == "unregistered"
     assert federation.superlink.poll() is None  # SIGHUP does not stop it
-
     refused = subprocess.run([sys.executable, "-m", "simulations.deploy_run", "site", "--deployment",
-                              federation.root, "--site", "c", "--data", federation.tmp / "data" / "c"],
+                              federation.root, "--site", "c", "--data", tmp / "data" / "c"],
                              cwd=REPO, capture_output=True, text=True, timeout=60,
                              env={**os.environ, "FACEFL_TEST_MARK": MARK})
     assert refused.returncode == 2 and "was revoked" in refused.stderr, refused.stderr
-    log = federation.tmp / "revoked-key.out"
+    log = tmp / "revoked-key.out"
     proc = _start([BINDIR / "flower-supernode", "--superlink", federation.address, "--root-certificates",
                    federation.root / "ca" / "ca.crt", "--auth-supernode-private-key", saved_key,
                    "--max-retries", "1", "--max-wait-time", "15", "--port", _free_port()], log)
@@ -362,6 +436,14 @@ def test_a_restart_keeps_registrations_and_runs_and_sighup_applies_a_revocation(
     finally:
         _stop(proc, grace=5)
     assert "Failed to activate SuperNode" in log.read_text()
+
+    # Stopping a site (as Ctrl-C does) stops everything under it.
+    for s in ("a", "b"):
+        _stop(procs[s])
+        assert procs[s].returncode == 0
+        assert "stopped flower-supernode" in outs[s].read_text()
+    _wait_for(lambda: not any("simulations.deploy_run site" in line or "flower-supernode" in line
+                              for line in _leftover_processes()), 20, "site processes left running")
 
 
 def test_site_checks_its_data_and_bundle_before_starting_anything(tmp_path, lfw_root):
@@ -400,3 +482,27 @@ def test_start_run_checks_the_run_config_before_sending_it(tmp_path):
     config = (state / "flwr-home" / "config.toml").read_text()
     assert "default = 'facefl'" in config and "[superlink.facefl]" in config
     assert f"root-certificates = '{dep.superlink_ca_cert}'" in config
+
+
+def test_a_site_can_require_secure_aggregation(tmp_path, lfw_root):
+    """`facefl site --require-secure-aggregation` (or site.toml) reaches the ClientApp as node config; the ClientApp's
+    refusal of plain rounds is tested in test_secure_aggregation."""
+    from simulations.deploy_run import resolve_site, supernode_argv
+
+    dep = init_deployment(tmp_path / "dep", "127.0.0.1", ["a"])
+    (tmp_path / "faces" / "person").mkdir(parents=True)
+    for src in sorted((lfw_root / "Aaron_Peirsol").glob("*.jpg"))[:2]:
+        (tmp_path / "faces" / "person" / src.name).symlink_to(src)
+    bundle = dep.root / "sites" / "a"
+
+    def node_config(**kwargs) -> str:
+        argv = supernode_argv(resolve_site(dep.root, "a", data=tmp_path / "faces", state=tmp_path / "state", **kwargs))
+        return argv[argv.index("--node-config") + 1]
+
+    assert "require-secure-aggregation='false'" in node_config()
+    assert "require-secure-aggregation='true'" in node_config(require_secure_aggregation=True)
+    toml = (bundle / "site.toml").read_text()
+    (bundle / "site.toml").write_text(toml.replace("require-secure-aggregation = false",
+                                                   "require-secure-aggregation = true"))
+    assert "require-secure-aggregation='true'" in node_config()
+    assert "require-secure-aggregation='false'" in node_config(require_secure_aggregation=False)

@@ -173,7 +173,7 @@ def test_site_config_template(dep):
     assert config["data-path"] == "/path/to/this/site's/faces"
     for key in ("root-certificates", "auth-supernode-private-key", "trusted-entities"):
         assert (dep.site("b").path / config[key]).is_file()
-    assert config["state-dir"] and config["require-signed-apps"] is False
+    assert config["state-dir"] and config["require-signed-apps"] is False and config["require-secure-aggregation"] is False
     connection = tomllib.loads(dep.connection_file.read_text())["superlink"]["facefl"]
     assert connection == {"address": f"{HOST}:8000", "root-certificates": str(dep.superlink_ca_cert)}
 

@@ -4,6 +4,7 @@ and the real server loop (run_federation with Flower's SecAggPlusWorkflow); only
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +160,27 @@ def test_secure_aggregation_refuses_what_needs_individual_updates():
             RunConfig.from_mapping({"secure-aggregation": True, **changes})
     with pytest.raises(ConfigError, match="secagg-threshold"):
         RunConfig.from_mapping({"secure-aggregation": True, "secagg-threshold": 0})
+
+
+def test_masks_come_from_the_whole_seed_not_a_32_bit_fold():
+    """Flower's pseudo_rand_gen XOR-folds a 32-byte seed to 32 bits: seeds that fold alike give the same mask.
+    facefl's mask_stream (installed on both ends) keys ChaCha20 with the whole seed."""
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    from common.secagg import MODULUS, mask_stream
+
+    for module in ("flwr.client.mod.secure_aggregation.secaggplus_mod",
+                   "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):
+        assert sys.modules[module].pseudo_rand_gen is mask_stream
+    seed = bytes(range(32))
+    twin = bytes([b ^ 0x5A for b in seed[:8]]) + seed[8:]  # the two XORs cancel in Flower's 32-bit fold
+    dims = [(1,), (64, 3, 3), ()]
+    assert all(np.array_equal(a, b) for a, b in zip(pseudo_rand_gen(seed, MODULUS, dims),
+                                                     pseudo_rand_gen(twin, MODULUS, dims)))
+    ours, ours_twin = mask_stream(seed, MODULUS, dims), mask_stream(twin, MODULUS, dims)
+    assert [m.shape for m in ours] == [(1,), (64, 3, 3), ()] and all(m.dtype == np.int64 for m in ours)
+    assert not np.array_equal(ours[1], ours_twin[1])
+    assert all(np.array_equal(a, b) for a, b in zip(ours, mask_stream(seed, MODULUS, dims)))  # deterministic
+    big = mask_stream(seed, MODULUS, [(200_000,)])[0]
+    assert big.min() >= 0 and big.max() < MODULUS
+    assert abs(big.mean() / MODULUS - 0.5) < 0.005 and abs((big & 1).mean() - 0.5) < 0.005  # uniform-looking
