@@ -1,8 +1,8 @@
-"""A site's side of secure aggregation (Flower's SecAgg+).
+"""A site's side of secure aggregation (Flower's SecAgg+): what it trains on and what it answers.
 
 With ``secure-aggregation = true`` the server drives Flower's ``SecAggPlusWorkflow``; every message of its four
-stages carries a ``secaggplus_configs`` record, and :func:`secure_aggregation_mod` hands those messages to Flower's
-``secaggplus_mod``. In the stage that trains, the mod calls the site's train handler with the legacy ``fitins``
+stages carries a ``secaggplus_configs`` record, and ``client.secagg_mod.secure_aggregation_mod`` hands those
+messages to Flower's ``secaggplus_mod``. In the stage that trains, the mod calls the site's train handler with the legacy ``fitins``
 records; :func:`secure_train_reply` trains as usual and answers with the site's *update* (its weights minus the
 global weights) in a ``fitres`` record. The mod then quantises that update, adds the private and pairwise masks and
 removes the plain arrays: what leaves the site is a masked integer vector, and the server can only unmask the sum.
@@ -18,40 +18,16 @@ import logging
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.client.mod import secaggplus_mod
 from flwr.compat.common import recorddict_compat as compat
 
 from common.config import RunConfig
 from common.egress import array_signature, check_reply
 from common.models import build_models, check_state
-from common.secagg import KEYS_CONFIG, WEIGHT_METRIC, use_strong_masks
+from common.secagg import KEYS_CONFIG, WEIGHT_METRIC
 
 log = logging.getLogger("facefl.client")
-
-use_strong_masks()  # ChaCha20 mask expansion instead of Flower's 32-bit-seeded RandomState (common.secagg)
-
-REQUIRE_KEY = "require-secure-aggregation"  # node config: refuse rounds that are not securely aggregated
-
-
-def is_secure(msg: Message) -> bool:
-    """Whether ``msg`` is a step of the SecAgg+ protocol."""
-    return RECORD_KEY_CONFIGS in msg.content.config_records
-
-
-def requires_secure_aggregation(node_config: dict) -> bool:
-    return str(node_config.get(REQUIRE_KEY, "false")).lower() in ("true", "1", "yes")
-
-
-def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's ``secaggplus_mod`` for SecAgg+ messages; plain rounds go straight to the handler."""
-    if is_secure(msg):
-        return secaggplus_mod(msg, ctxt, call_next)
-    return call_next(msg, ctxt)
-
 
 def received_global(msg: Message, cfg: RunConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """The global weights and the round config from a SecAgg+ training message (legacy ``fitins`` records),

@@ -42,12 +42,21 @@ use_strong_masks()  # ChaCha20 mask expansion instead of Flower's 32-bit-seeded 
 
 
 class BoundedSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """Flower's workflow with two timeouts: ``timeout`` for the key-exchange and unmasking stages, and
-    ``train_timeout`` for the stage in which the sites train."""
+    """Flower's workflow with two timeouts (``timeout`` for the key-exchange and unmasking stages, ``train_timeout``
+    for the stage in which the sites train) and a fix for sites that drop out before the key exchange."""
 
     def __init__(self, *args, train_timeout: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.key_timeout, self.train_timeout = self.timeout, train_timeout
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        # Flower keeps a site that dropped out before its key shares were forwarded among the sampled sites, and
+        # then asks the others, when unmasking, for shares of its key that they never received: the whole round
+        # fails. Such a site holds no mask with anyone (masks are only added for sites whose shares arrived), so
+        # it leaves the protocol here.
+        state.sampled_node_ids = set(state.active_node_ids)
+        return ok
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
         self.timeout = self.train_timeout

@@ -120,15 +120,16 @@ def test_the_server_receives_masked_updates_and_unmasks_only_their_weighted_mean
 
 
 @pytest.mark.slow
-def test_a_site_dropping_out_mid_protocol_does_not_stall_or_spoil_the_round(lfw_root, cache_dir, tmp_path):
-    """Node 303 exchanges keys, then vanishes before training: its pairwise masks are removed from the others'
-    shares and the round's update is the weighted mean of the two sites that finished."""
+@pytest.mark.parametrize("stage", [Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS])
+def test_a_site_dropping_out_mid_protocol_does_not_stall_or_spoil_the_round(lfw_root, cache_dir, tmp_path, stage):
+    """Node 303 vanishes after sending its public keys (before its key shares went out: Flower alone fails the
+    round then), or after the key exchange, before training (its pairwise masks are then rebuilt from the others'
+    shares). Either way the round's update is the weighted mean of the two sites that finished."""
     cfg = _config(lfw_root, cache_dir, tmp_path, **{"max-identities": 12})
     initial = build_models(cfg).state_dict()
 
     def drop(node: int, msg: Message) -> bool:
-        return node == 303 and msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == \
-            Stage.COLLECT_MASKED_VECTORS
+        return node == 303 and msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == stage
 
     run, grid, recorder = _federation(cfg, drop=drop)
     assert set(recorder.updates) == {101, 202}
