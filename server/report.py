@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.atomic import atomic_write_bytes, atomic_write_json
+from common.atomic import atomic_write_bytes, atomic_write_json, json_safe
 from common.datasets import DataError
 from common.sources import eval_data
 from server.rundir import RunDirError, environment_info
@@ -247,17 +247,6 @@ def run_summary(section: RunSection) -> dict:
     return out
 
 
-def _json_safe(value):
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 # ----------------------------------------------------------------------------------------------- entry point
 def build_report(run_dirs: list[str | Path], *, out: str | Path | None = None, summary: str | Path | None = None,
                  gate_factory: Callable[[], object] | None = None, anonymization: str | Path | None = None,
@@ -317,7 +306,7 @@ def build_report(run_dirs: list[str | Path], *, out: str | Path | None = None, s
                           "benchmark": bench},
         "morph_gifs": [str(g.resolve()) for g in gifs],
     }
-    atomic_write_json(summary_file, _json_safe(document))
+    atomic_write_json(summary_file, json_safe(document))
     return ReportResult(out_path, summary_file, gifs, stats)
 
 

@@ -13,7 +13,7 @@ from common.config import RunConfig
 from common.metrics import pair_scores, roc_curve, verification_metrics
 from common.models import FederatedModels, build_models
 from common.sources import EvalData
-from server.evaluate import embed
+from server.evaluate import flip_embed
 
 MORPH_STEPS = 11  # alpha = 0, 0.1, ..., 1
 
@@ -67,10 +67,7 @@ def _thin(fpr: torch.Tensor, tpr: torch.Tensor, max_points: int = 400) -> tuple[
 def evaluate_embedding_pairs(model: torch.nn.Module, data: EvalData) -> EmbeddingEval:
     """ROC, TAR@FAR and the distance distributions of the held-out pairs (flip-averaged embeddings, as in
     :func:`server.evaluate.evaluate_embedding`)."""
-    def rep(images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(embed(model, images) + embed(model, images.flip(-1)), dim=1)
-
-    scores = pair_scores(rep(data.pairs_a), rep(data.pairs_b))
+    scores = pair_scores(flip_embed(model, data.pairs_a), flip_embed(model, data.pairs_b))
     same = data.same.bool()
     metrics = verification_metrics(scores, same)
     fpr, tpr, _ = roc_curve(scores, same)

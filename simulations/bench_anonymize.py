@@ -15,6 +15,7 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
+from common.atomic import json_safe
 from common.preprocess import FaceAligner
 from common.recognizer import DlibRecognizer
 from common.reid import ReidBench, ReidReport, Transform, lfw_test_people, open_people
@@ -108,14 +109,7 @@ def _table(reports: list[ReidReport], recognizer: DlibRecognizer, min_score: flo
     return table
 
 
-def _plain(value):
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def reports_to_json(reports: list[ReidReport]) -> list[dict]:
     """The reports as JSON-ready dicts (field names as in :class:`ReidReport`; NaN and infinity as None)."""
-    return [{k: _plain(v) for k, v in asdict(r).items()} for r in reports]
+    return [json_safe(asdict(r)) for r in reports]
 

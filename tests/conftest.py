@@ -12,7 +12,31 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (pyproject's addopts: two workers) each worker gets its share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+
+# Units of work for pytest-xdist: one test file each (its module fixtures are built once), except the files that share
+# the federated_run fixture. The longest units are handed out first; the deployment tests mostly wait on real
+# processes, so the other worker's tests run meanwhile.
+_SHARED_UNITS = {"test_federation.py": "federation", "test_report.py": "federation"}
+_LONGEST_FIRST = ("test_deployment_e2e.py", "test_federation.py", "test_report.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByTestFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return _SHARED_UNITS.get(name, name)
+
+    return ByTestFile(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))
 
 
 def _shared_data() -> Path:

@@ -34,6 +34,7 @@ from simulations.deploy_run import (
     flwr_json,
     list_nodes,
     run_logs,
+    run_status,
     start_run,
     wait_run,
     write_flwr_config,
@@ -57,6 +58,7 @@ class Federation:
     procs: list[subprocess.Popen] = field(default_factory=list)  # everything started, stopped at the end
     superlinks: list[tuple[subprocess.Popen, Path]] = field(default_factory=list)
     sites: dict[str, subprocess.Popen] = field(default_factory=dict)  # the running `facefl site` processes
+    run_id: int | None = None  # the run of test_three_sites_train_a_dp_run_over_tls
     site_outs: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -286,36 +288,39 @@ def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root):
     assert all("connected to the SuperLink" in outs[s].read_text() for s in SITES)
 
     run_dir = tmp / "run"
-    run_id = start_run(federation.root, federation.state, REPO, _run_config(lfw_root, tmp))
-    status = wait_run(federation.root, federation.state, run_id, timeout=240, poll=2)
-    logs = run_logs(federation.root, federation.state, run_id)
-    assert status == "finished:completed", logs[-4000:]
-    assert "[ROUND 2/2]" in logs
+    federation.run_id = start_run(federation.root, federation.state, REPO, _run_config(lfw_root, tmp))
 
+    # Round 1 completes (checkpoint, metrics, audit entry); the test after this one kills the SuperLink in round 2.
+    def round_results() -> list[dict]:
+        path = run_dir / "audit.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line) for line in lines if '"round-results"' in line]
+
+    _wait_for(lambda: round_results() or run_status(federation.root, federation.state, federation.run_id)["status"]
+              .startswith("finished"), 300, "round 1 did not complete", federation.superlink_out, *outs.values())
+    logs = run_logs(federation.root, federation.state, federation.run_id)
+    assert round_results(), logs[-4000:]
+    assert "[ROUND 1/2]" in logs
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["run"]["status"] == "completed" and metrics["run"]["completed_rounds"] == 2
     rounds = {r["round"]: r for r in metrics["rounds"]}
-    assert set(rounds) == {0, 1, 2}
-    for r in (1, 2):
-        assert set(rounds[r]["sites"]) == set(SITES), rounds[r]
-        assert "embedding/roc_auc" in rounds[r]["global"]
-    assert [p.name for p in sorted((run_dir / "checkpoints").glob("round-*.pt"))] == ["round-0001.pt",
-                                                                                      "round-0002.pt"]
+    assert {0, 1} <= set(rounds) and metrics["run"]["completed_rounds"] >= 1
+    assert set(rounds[1]["sites"]) == set(SITES), rounds[1]
+    assert "embedding/roc_auc" in rounds[1]["global"] and "embedding/roc_auc" in rounds[0]["global"]
+    assert (run_dir / "checkpoints" / "round-0001.pt").is_file()
 
     server_log = verify_log(run_dir / "audit.jsonl")
     assert server_log.ok, server_log.problems
-    server_entries = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
-    heads = [e["data"]["site_audit_heads"] for e in server_entries if e["event"] == "round-results"]
-    assert len(heads) == 2 and set(heads[-1]) == set(SITES)
+    heads = round_results()[0]["data"]["site_audit_heads"]
+    assert set(heads) == set(SITES)
     for s in SITES:
         ledger = PrivacyLedger.load(states[s])
         assert ledger is not None and ledger.site == s
-        assert [r["round"] for r in ledger.rounds if r["status"] == "trained"] == [1, 2]
+        assert [r["round"] for r in ledger.rounds if r["status"] == "trained"][0] == 1
         assert 0 < ledger.spent <= 50 + 1e-6
-        report = verify_log(states[s] / "audit.jsonl", expected_head=heads[-1][s])  # anchored in the server log
-        assert report.ok and report.events.get("round-trained") == 2, report.problems
+        report = verify_log(states[s] / "audit.jsonl", expected_head=heads[s])  # anchored in the server log
+        assert report.ok and report.events.get("round-trained", 0) >= 1, report.problems
         assert not (run_dir / "sites" / s).exists()  # a deployed site keeps its state at the site
-    # The sites stay up for test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run.
+    # The sites and the run stay up for test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run.
 
 
 def _node_ids(fed: Federation) -> dict[str, int]:
@@ -352,43 +357,47 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lfw_root):
-    """SIGKILL the SuperLink (its whole tree) and start it again on the same state: registrations and past runs are
-    kept and the sites reconnect on their own. The 2-round run of test_three_sites_train_a_dp_run_over_tls then
-    resumes for round 3, under secure aggregation, and site c's whole tree is killed while the round runs: SecAgg+
-    unmasks the mean of a and b and the run completes. Last, `deploy revoke-site c` and SIGHUP unregister c, and its
-    (saved) key is refused."""
+    """The run of test_three_sites_train_a_dp_run_over_tls is in round 2 when the SuperLink's whole process tree
+    (with the ServerApp) is SIGKILLed. Started again on the same state, it keeps its registrations and past runs, and
+    the sites reconnect on their own. A run resumed from the checkpoint continues from the last completed round,
+    under secure aggregation, and site c's whole tree is killed as that round starts: SecAgg+ unmasks the mean of a
+    and b and the run completes. Last, `deploy revoke-site c` and SIGHUP unregister c, and its saved key is refused."""
     tmp = federation.tmp
     run_dir = tmp / "run"
-    assert json.loads((run_dir / "metrics.json").read_text())["run"]["completed_rounds"] == 2  # the earlier run
     procs, outs = federation.sites, federation.site_outs
     assert set(procs) == set(SITES) and all(p.poll() is None for p in procs.values())
     states = {s: tmp / "site-state" / s for s in SITES}
-    eps_before = {s: PrivacyLedger.load(states[s]).spent for s in SITES}
     node_ids = _node_ids(federation)
     registered = json.loads((federation.state / "nodes.json").read_text())["nodes"]
     runs_before = flwr_json(federation.state, "list", CONNECTION)["runs"]
 
-    # The SuperLink dies outright (no clean stop) and comes back on the same state folder.
+    # The SuperLink dies outright, mid-run, and comes back on the same state folder.
     killed, killed_out = federation.superlink, federation.superlink_out
     _kill_tree(killed)
     federation.superlinks.remove((killed, killed_out))  # not stopped by SIGTERM: left out of the final check
+    done = json.loads((run_dir / "metrics.json").read_text())["run"]["completed_rounds"]  # 1, unless round 2 won
+    assert done >= 1
+    trained_before = {s: [r["round"] for r in PrivacyLedger.load(states[s]).rounds if r["status"] == "trained"]
+                      for s in SITES}
+    eps_before = {s: PrivacyLedger.load(states[s]).spent for s in SITES}
     _start_superlink(federation, tmp / "superlink-after-kill.out")
     out = federation.superlink_out
     assert "registered site" not in out.read_text()  # the registrations survived
     assert json.loads((federation.state / "nodes.json").read_text())["nodes"] == registered
-    runs_after = {r["run-id"]: r for r in flwr_json(federation.state, "list", CONNECTION)["runs"]}
-    assert {r["run-id"] for r in runs_before} <= set(runs_after)
+    runs_after = {r["run-id"] for r in flwr_json(federation.state, "list", CONNECTION)["runs"]}
+    assert {r["run-id"] for r in runs_before} <= runs_after
     _wait_for(lambda: all(_nodes(federation).get(node_ids[s]) == "online" for s in SITES), 120,
               "the sites did not reconnect", out, *outs.values())
     assert all(p.poll() is None for p in procs.values()), {s: outs[s].read_text()[-2000:] for s in SITES}
 
-    # Round 3, resumed, securely aggregated; site c is killed (its whole tree) while the round runs.
+    # The next round, resumed and securely aggregated; site c is killed (its whole tree) as it starts.
+    nxt = done + 1
     run_id = start_run(federation.root, federation.state, REPO, _run_config(
-        lfw_root, tmp, **{"num-rounds": 3, "min-sites": 2, "resume-from": str(run_dir), "secure-aggregation": True,
-                          "round-timeout": 45, "secagg-timeout": 20}))
+        lfw_root, tmp, **{"num-rounds": nxt, "min-sites": 2, "resume-from": str(run_dir), "secure-aggregation": True,
+                          "round-timeout": 60, "secagg-timeout": 15}))
     _wait_for(lambda: "[ROUND 1/1] (secure aggregation" in run_logs(federation.root, federation.state, run_id), 120,
-              "round 3 did not start", out)
-    time.sleep(3)  # into the protocol (key exchange or training)
+              f"round {nxt} did not start", out)
+    time.sleep(2)
     _kill_tree(procs["c"])
     status = wait_run(federation.root, federation.state, run_id, timeout=240, poll=2)
     logs = run_logs(federation.root, federation.state, run_id)
@@ -396,20 +405,27 @@ def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lf
     assert "Secure aggregation completed" in logs, logs[-4000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     rounds = {r["round"]: r for r in metrics["rounds"]}
-    assert set(rounds) == {0, 1, 2, 3} and metrics["run"]["completed_rounds"] == 3
-    assert [r["from_round"] for r in metrics["run"]["resumed"]] == [2]
-    assert set(rounds[3]["sites"]) == {"a", "b"} and f"node-{node_ids['c']}" in rounds[3]["failed"], rounds[3]
-    assert all(rounds[3]["sites"][s]["secagg-weight"] > 0 for s in ("a", "b"))
-    second, third = (torch.load(run_dir / "checkpoints" / f"round-000{r}.pt", weights_only=True)["state_dict"]
-                     for r in (2, 3))
-    assert any(not torch.equal(second[k], third[k]) for k in third)  # a and b's securely aggregated update applied
+    assert set(rounds) == set(range(nxt + 1)) and metrics["run"]["completed_rounds"] == nxt
+    assert [r["from_round"] for r in metrics["run"]["resumed"]] == [done]
+    assert set(rounds[nxt]["sites"]) == {"a", "b"} and f"node-{node_ids['c']}" in rounds[nxt]["failed"], rounds[nxt]
+    assert all(rounds[nxt]["sites"][s]["secagg-weight"] > 0 for s in ("a", "b"))
+    before, after = (torch.load(run_dir / "checkpoints" / f"round-{r:04d}.pt", weights_only=True)["state_dict"]
+                     for r in (done, nxt))
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # a and b's securely aggregated update applied
     for s in SITES:
         ledger = PrivacyLedger.load(states[s])
         trained = [r["round"] for r in ledger.rounds if r["status"] == "trained"]
-        assert trained == [1, 2, 3] if s != "c" else trained[:2] == [1, 2], (s, ledger.rounds)
-        assert eps_before[s] <= ledger.spent <= 50 + 1e-6
+        # Every training is on the ledger, a round interrupted by the kill included: epsilon is never given back.
+        assert trained[:len(trained_before[s])] == trained_before[s] and ledger.spent >= eps_before[s]
+        assert (trained[-1] == nxt) if s != "c" else (trained[-1] <= nxt), (s, ledger.rounds)
+        assert ledger.spent <= 50 + 1e-6
     server_log = verify_log(run_dir / "audit.jsonl")
     assert server_log.ok, server_log.problems
+    last = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()
+            if '"round-results"' in line][-1]["data"]
+    assert last["round"] == nxt and set(last["site_audit_heads"]) == {"a", "b"}
+    for s in ("a", "b"):
+        assert verify_log(states[s] / "audit.jsonl", expected_head=last["site_audit_heads"][s]).ok
 
     # A revoked site: SIGHUP unregisters it, `facefl site` refuses to start it, and its saved key is refused.
     saved_key = tmp / "c-supernode.key"
