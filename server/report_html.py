@@ -109,7 +109,9 @@ def overview(sections: list[RunSection], generated: str, report_versions: dict) 
             (f" (server lr {cfg.server_lr:g})" if cfg.strategy == "fedadam" else "") + \
             (f", {cfg.aggregator} aggregation" + (f" (trim {cfg.trim_fraction:g})" if cfg.aggregator == "trimmed-mean"
                                                   else "") if cfg.aggregator != "mean" else "") + \
-            (f", updates above norm {cfg.max_update_norm:g} rejected" if cfg.max_update_norm else "")
+            (f", updates above norm {cfg.max_update_norm:g} rejected" if cfg.max_update_norm else "") + \
+            (f", secure aggregation (SecAgg+: the server saw only the sum of the updates; threshold "
+             f"{cfg.secagg_threshold:g}, clip ±{cfg.secagg_clip_range:g})" if cfg.secure_aggregation else "")
         wall = d.wall_seconds()
         columns.append([
             ("Run", f"{d.name} — {d.path.resolve()}"),
