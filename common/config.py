@@ -146,12 +146,14 @@ class RunConfig:
             clash = [f"aggregator={self.aggregator}"] if self.aggregator != "mean" else []
             clash += ["max-update-norm > 0"] if self.max_update_norm > 0 else []
             clash += ["strategy=fedadam"] if self.strategy == "fedadam" else []
+            clash += [f"min-sites={self.min_sites}"] if self.min_sites < 2 else []
             if clash:
                 raise ConfigError(
                     f"secure-aggregation=true cannot be combined with {' and '.join(clash)}: under SecAgg+ the server "
                     "sees only the sum of the sites' updates, so it cannot take a median, bound one site's update "
-                    "or run FedAdam on it. Use strategy fedavg or fedprox with aggregator=mean and max-update-norm=0, "
-                    "or turn secure aggregation off.")
+                    "or run FedAdam on it, and the sum of one site's update is that update. Use strategy fedavg or "
+                    "fedprox with aggregator=mean, max-update-norm=0 and min-sites of 2 or more (3 or more lets a site "
+                    "drop out), or turn secure aggregation off.")
         if self.target_delta >= 1.0:
             raise ConfigError(f"target-delta must be below 1 (and below 1/N for N examples); got {self.target_delta!r}.")
         if self.dp and self.loss == "triplet":

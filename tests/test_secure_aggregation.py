@@ -156,7 +156,7 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round(lfw_root,
 
 
 def test_secure_aggregation_refuses_what_needs_individual_updates():
-    for changes in ({"aggregator": "median"}, {"max-update-norm": 5.0}, {"strategy": "fedadam"}):
+    for changes in ({"aggregator": "median"}, {"max-update-norm": 5.0}, {"strategy": "fedadam"}, {"min-sites": 1}):
         with pytest.raises(ConfigError, match="secure-aggregation=true cannot be combined"):
             RunConfig.from_mapping({"secure-aggregation": True, **changes})
     with pytest.raises(ConfigError, match="secagg-threshold"):
