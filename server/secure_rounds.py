@@ -73,13 +73,12 @@ class _LegacyAdapter:
     def __init__(self, proxies: list[GridClientProxy], fitins: FitIns) -> None:
         self.proxies, self.fitins = proxies, fitins
         self.results: list[tuple[GridClientProxy, FitRes]] | None = None
-        self.failures: list = []
 
     def configure_fit(self, server_round, parameters, client_manager):
         return [(proxy, self.fitins) for proxy in self.proxies]
 
     def aggregate_fit(self, server_round, results, failures):
-        self.results, self.failures = list(results), list(failures)
+        self.results = list(results)  # sites missing from it are recorded as failed by record_secure_round
         return None, {}
 
 
@@ -156,12 +155,8 @@ def record_secure_round(strategy: SiteAwareMixin, absolute: int, result: SecureR
             continue
         name = str(metrics.get("site-name") or f"node-{node_id}")
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        report.sites[name] = values
-        if metrics.get("audit-head"):
-            report.audit_heads[name] = str(metrics["audit-head"])
-        if values.get("declined", 0.0) > 0:
-            report.declined[name] = str(metrics.get("message", ""))
-        elif values.get(WEIGHT_METRIC, 0.0) > 0:
+        declined = report.add_reply(name, values, str(metrics.get("audit-head") or ""), str(metrics.get("message", "")))
+        if not declined and values.get(WEIGHT_METRIC, 0.0) > 0:
             records.append(RecordDict({"metrics": MetricRecord(values)}))
     strategy.reports[absolute] = report
     if records:

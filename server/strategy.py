@@ -61,6 +61,16 @@ class RoundReport:
     rejected: dict[str, str] = field(default_factory=dict)
     audit_heads: dict[str, str] = field(default_factory=dict)  # each site's newest audit-log hash
 
+    def add_reply(self, name: str, metrics: dict[str, float], audit_head: str = "", message: str = "") -> bool:
+        """Record a site's reply (its metrics and audit head); True when the site declined the round."""
+        self.sites[name] = metrics
+        if audit_head:
+            self.audit_heads[name] = audit_head
+        if metrics.get("declined", 0.0) > 0:
+            self.declined[name] = message
+            return True
+        return False
+
 
 def aggregate_site_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     """Example-weighted mean of the sites' training metrics; epsilon is the maximum over sites, not a mean."""
@@ -117,11 +127,9 @@ class SiteAwareMixin:
             if metrics is None:
                 report.rejected[name] = "reply has no metrics"
                 continue
-            report.sites[name] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
-            if "site" in content.config_records and "audit-head" in content["site"]:
-                report.audit_heads[name] = str(content["site"]["audit-head"])
-            if float(metrics.get("declined", 0.0)) > 0:
-                report.declined[name] = str(content["site"]["message"]) if "site" in content.config_records else ""
+            site = content["site"] if "site" in content.config_records else {}
+            if report.add_reply(name, {k: float(v) for k, v in metrics.items() if not isinstance(v, list)},
+                                str(site.get("audit-head", "")), str(site.get("message", ""))):
                 continue
             try:
                 arrays = next(iter(content.array_records.values()))
