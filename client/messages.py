@@ -8,8 +8,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from client.privacy import PrivacyLedger
 from client.secure import received_global, secure_train_reply
 from client.site import RoundResult, Site, SiteState, run_round
+from common.anonymization.egress import array_signature, check_reply
 from common.config import RunConfig
-from common.egress import array_signature, check_reply
 
 _LEDGER_KEY = "privacy-ledger"
 _HEAD_KEY = "margin-head"

@@ -22,9 +22,9 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from common.anonymization.egress import array_signature, check_reply
 from common.config import RunConfig
-from common.egress import array_signature, check_reply
-from common.models import build_models, check_state
+from common.models.federated import build_models, check_state
 from common.secagg import KEYS_CONFIG, WEIGHT_METRIC
 
 log = logging.getLogger("facefl.client")

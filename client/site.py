@@ -14,22 +14,15 @@ from pathlib import Path
 import torch
 
 from client.privacy import PrivacyLedger, newest
-from client.train import (
-    DPSettings,
-    evaluate_identification,
-    evaluate_vae,
-    steps_per_epoch,
-    train_embedding,
-    train_vae,
-)
+from client.train import DPSettings, evaluate_identification, evaluate_vae, steps_per_epoch, train_embedding, train_vae
 from common.atomic import atomic_torch_save
 from common.audit import AuditLog
 from common.config import RunConfig
-from common.faceset import FaceSet
-from common.losses import MarginHead
-from common.models import build_models
-from common.sources import load_site_folder, site_faces
-from common.vae import Discriminator
+from common.data.faceset import FaceSet
+from common.data.sources import load_site_folder, site_faces
+from common.models.federated import build_models
+from common.models.losses import MarginHead
+from common.models.vae import Discriminator
 
 log = logging.getLogger("facefl.site")
 

@@ -17,10 +17,10 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.augment import augment_faces
-from common.faceset import FaceSet
-from common.losses import MarginHead, margin_softmax_loss, triplet_semihard_loss
-from common.vae import Discriminator, lsgan_discriminator_loss, lsgan_generator_loss, vae_loss
+from common.data.augment import augment_faces
+from common.data.faceset import FaceSet
+from common.models.losses import MarginHead, margin_softmax_loss, triplet_semihard_loss
+from common.models.vae import Discriminator, lsgan_discriminator_loss, lsgan_generator_loss, vae_loss
 
 Mechanism = tuple[float, float, int]
 

@@ -35,64 +35,65 @@ class RunConfig:
     """
 
     # What to train
-    task: str = "embedding"
-    data: str = ""
-    num_rounds: int = 3
+    task: str = "embedding"  # embedding | vae | both
+    data: str = ""  # identity-folder dataset (LFW, VGGFace2, CASIA layout); "" = synthetic smoke-test set
+    num_rounds: int = 3  # federated rounds
     # Federation
-    strategy: str = "fedavg"
-    fraction_train: float = 1.0
-    min_sites: int = 2
-    proximal_mu: float = 0.01
-    server_lr: float = 0.01
-    round_timeout: float = 3600.0
-    quorum_timeout: float = 600.0
-    aggregator: str = "mean"
-    trim_fraction: float = 0.2
-    max_update_norm: float = 0.0
-    secure_aggregation: bool = False
-    secagg_threshold: float = 0.67
-    secagg_clip_range: float = 1.0
-    secagg_max_examples: int = 10000
-    secagg_timeout: float = 120.0
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam
+    fraction_train: float = 1.0  # share of the connected sites asked to train in a round
+    min_sites: int = 2  # a round needs at least this many sites
+    proximal_mu: float = 0.01  # FedProx
+    server_lr: float = 0.01  # FedAdam
+    round_timeout: float = 3600.0  # seconds to wait for the sites' replies in a round
+    quorum_timeout: float = 600.0  # seconds a round waits for min-sites connected sites before the run ends
+    aggregator: str = "mean"  # mean (the strategy's weighted mean) | median | trimmed-mean (robust, Flower's)
+    trim_fraction: float = 0.2  # trimmed-mean: fraction cut at each end, per coordinate
+    max_update_norm: float = 0.0  # reject a site's update whose L2 distance to the global model exceeds this (0 = off)
+    secure_aggregation: bool = False  # SecAgg+: the server learns only the weighted sum of the sites' updates
+    secagg_threshold: float = 0.67  # share of the sites whose key shares are needed to unmask (the rest may drop out)
+    secagg_clip_range: float = 1.0  # each coordinate of a site's update is clipped to +-this before quantisation
+    secagg_max_examples: int = 10000  # weight cap: a site with more examples is weighted as if it had this many
+    secagg_timeout: float = 120.0  # seconds each key-exchange / unmasking stage waits (training: round-timeout)
     # Local training
-    local_epochs: int = 1
-    batch_size: int = 32
-    image_size: int = 64
-    lr: float = 0.1
-    vae_lr: float = 2e-4
-    model: str = "compact"
-    embedding_dim: int = 128
-    weights_path: str = ""
-    weights_sha256: str = ""
-    loss: str = "arcface"
-    margin: float = 0.3
-    scale: float = 30.0
-    augment: bool = True
-    latent_dim: int = 128
-    vae_beta: float = 1.0
-    vae_recon: str = "l1"
-    vae_adversarial: bool = False
+    local_epochs: int = 1  # passes over a site's faces per round
+    batch_size: int = 32  # expected (logical) batch; DP-SGD samples batches with Poisson sampling
+    image_size: int = 64  # face crops are resized to this many pixels a side
+    lr: float = 0.1  # embedding model (SGD, momentum 0.9)
+    vae_lr: float = 2e-4  # VAE (Adam)
+    model: str = "compact"  # compact | inception
+    embedding_dim: int = 128  # length of a face embedding
+    weights_path: str = ""  # optional local pretrained weights for the embedding model ...
+    weights_sha256: str = ""  # ... checked against this hash (nothing is ever downloaded)
+    loss: str = "arcface"  # arcface | cosface | triplet (triplet only without DP)
+    margin: float = 0.3  # additive angular (ArcFace) or cosine (CosFace) margin
+    scale: float = 30.0  # logit scale of the margin softmax
+    augment: bool = True  # flips, small rotations and shifts, brightness and contrast
+    latent_dim: int = 128  # VAE latent size
+    vae_beta: float = 1.0  # weight of the VAE's KL term
+    vae_recon: str = "l1"  # l1 | l2
+    vae_adversarial: bool = False  # VAE-GAN with a site-private discriminator
     # Data and partitioning
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    seed: int = 0
-    val_fraction: float = 0.1
-    max_identities: int = 0
-    heldout_fraction: float = 0.15
-    eval_pairs: int = 0
-    eval_faces: int = 256
+    partition: str = "iid"  # iid | dirichlet (by identity)
+    dirichlet_alpha: float = 0.5  # non-IID: smaller alpha, more unequal sites
+    seed: int = 0  # partitions, initial weights and sampling
+    val_fraction: float = 0.1  # share of each site's images kept for validation
+    max_identities: int = 0  # 0 = all training identities
+    heldout_fraction: float = 0.15  # share of identities held out for the server (non-LFW data)
+    eval_pairs: int = 0  # 0 = all held-out pairs
+    eval_faces: int = 256  # faces per held-out evaluation of the VAE
     # Differential privacy (per site, example-level)
-    dp: bool = True
-    target_epsilon: float = 8.0
-    target_delta: float = 0.0
-    max_grad_norm: float = 1.0
-    accountant: str = "prv"
-    planned_rounds: int = 0
+    dp: bool = True  # DP-SGD (Opacus) at every site
+    target_epsilon: float = 8.0  # each site's total budget, over all rounds
+    target_delta: float = 0.0  # 0 = 1 / (10 N) for a site with N examples
+    max_grad_norm: float = 1.0  # per-sample gradient clipping bound
+    accountant: str = "prv"  # prv | rdp
+    planned_rounds: int = 0  # rounds a site spreads its budget over; 0 = num-rounds
     # Where things go
-    run_dir: str = ""
-    state_dir: str = ""
-    resume_from: str = ""
-    cache_dir: str = ""
+    run_dir: str = ""  # "" = runs/<timestamp>
+    state_dir: str = ""  # site state (privacy ledger, margin head); "" = <run-dir>/sites
+    resume_from: str = ""  # a run directory to continue from its last completed round
+    cache_dir: str = ""  # face cache; "" = $FACEFL_CACHE or ~/.cache/facefl
+
 
     def __post_init__(self) -> None:
         def choice(name: str, allowed: tuple[str, ...]) -> None:
@@ -215,22 +216,12 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-    elif expected is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    elif expected in (int, float) and not isinstance(value, bool):
+        if isinstance(value, int) or (isinstance(value, float) and (expected is float or value.is_integer())):
+            return expected(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                pass
-    elif expected is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return expected(value)
             except ValueError:
                 pass
     elif expected is str:

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from client.train import normalize
+from common.data.sources import EvalData
 from common.metrics import image_quality, pair_scores, verification_metrics
-from common.models import FederatedModels
-from common.sources import EvalData
+from common.models.federated import FederatedModels
 
 
 @torch.no_grad()

@@ -10,8 +10,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from common.audit import AuditLog, app_hash
 from common.config import RunConfig
-from common.models import build_models
-from common.sources import eval_data
+from common.data.sources import eval_data
+from common.models.federated import build_models
 from server.evaluate import evaluate_global
 from server.rundir import RunDirectory, default_run_dir
 from server.secure_rounds import run_secure_rounds

@@ -157,7 +157,7 @@ def load_run_models(run_dir: str | Path):
 
     Raises :class:`RunDirError` when the folder is not a run or no round has completed yet.
     """
-    from common.models import build_models
+    from common.models.federated import build_models
 
     cfg = load_run_config(run_dir)
     ckpt = RunDirectory(run_dir, cfg).latest_checkpoint()

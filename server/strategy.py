@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from common.config import RunConfig
-from common.models import check_state, update_norm
+from common.models.federated import check_state, update_norm
 
 log = logging.getLogger("facefl.server")
 

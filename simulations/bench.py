@@ -25,11 +25,11 @@ from rich.table import Table
 from client.train import DPSettings, EmbeddingClassifier, _privatize, normalize, quiet_opacus, train_embedding
 from common.atomic import atomic_write_json
 from common.config import RunConfig
-from common.datasets import load_faces
-from common.embedding import build_embedding_model
-from common.losses import MarginHead, margin_softmax_loss
-from common.models import build_models
-from common.sources import eval_data, training_identities
+from common.data.datasets import load_faces
+from common.data.sources import eval_data, training_identities
+from common.models.embedding import build_embedding_model
+from common.models.federated import build_models
+from common.models.losses import MarginHead, margin_softmax_loss
 from server.evaluate import evaluate_embedding
 
 

@@ -1,7 +1,7 @@
 """``facefl bench anonymize``: can an independent recognizer still tell who an anonymized face is?
 
 Each transform anonymizes image 1 of LFW View-1 test people (``pairsDevTest.txt`` matched pairs); dlib's
-ResNet face descriptor compares it with every person's original image 2 (see ``common.reid`` for the
+ResNet face descriptor compares it with every person's original image 2 (see ``common.anonymization.reid`` for the
 protocol). One table row per transform: match rate and top-1 (lower is better anonymization), whether MTCNN
 still finds a face (higher keeps the image usable), how far the landmarks moved, and speed.
 """
@@ -15,10 +15,10 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
+from common.anonymization.recognizer import DlibRecognizer
+from common.anonymization.reid import ReidBench, ReidReport, Transform, lfw_test_people, open_people
 from common.atomic import json_safe
-from common.preprocess import FaceAligner
-from common.recognizer import DlibRecognizer
-from common.reid import ReidBench, ReidReport, Transform, lfw_test_people, open_people
+from common.data.preprocess import FaceAligner
 
 
 def run_anonymize_bench(
@@ -38,7 +38,7 @@ def run_anonymize_bench(
     people : int
         How many people: the first ``people`` distinct people of the matched pairs, in file order.
     transforms : list of (label, transform)
-        Transforms from PIL image to PIL image (or None to refuse), e.g. ``common.reid.gaussian_blur(8)``.
+        Transforms from PIL image to PIL image (or None to refuse), e.g. ``common.anonymization.reid.gaussian_blur(8)``.
     console : rich.console.Console
         Where progress lines and the table go.
     detect_min_score : float, default 0.9

@@ -23,9 +23,9 @@ from PIL import Image, ImageOps
 from rich.console import Console
 from rich.table import Table
 
-from common.anonymize import Anonymizer, BlurFilter, PixelateFilter, StyleFilter, WholeImageStyle
+from common.anonymization.anonymizer import Anonymizer, BlurFilter, PixelateFilter, StyleFilter, WholeImageStyle
+from common.anonymization.stylizer import StyleNet
 from common.atomic import atomic_write_json
-from common.stylizer import StyleNet
 
 
 def stylizer_speed(model: torch.nn.Module, *, size: int = 128, batch: int = 1, repeats: int = 10) -> float:
@@ -65,15 +65,15 @@ def end_to_end_speed(anonymizer: Anonymizer, photos: list[Image.Image], repeats:
 
 def run_style_bench(*, data: str, people: int, style: str, strengths: list[float], gatys_people: int, out: Path,
                     console: Console, styles_dir: str | None = None, stylizers: list[str] | None = None) -> dict:
-    from common.preprocess import FaceAligner
-    from common.recognizer import DlibRecognizer
-    from common.reid import gaussian_blur, identity_transform, pixelate
+    from common.anonymization.recognizer import DlibRecognizer
+    from common.anonymization.reid import gaussian_blur, identity_transform, pixelate
+    from common.data.preprocess import FaceAligner
+    from server.stylizers import ensure_stylizer, load_style_image
     from simulations.bench_anonymize import reports_to_json, run_anonymize_bench
-    from simulations.stylize import ensure_stylizer, load_style_image
 
     out.mkdir(parents=True, exist_ok=True)
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
-    from common.styles import load_stylizer
+    from common.anonymization.styles import load_stylizer
 
     if stylizers:
         loaded = [(*load_stylizer(p), Path(p)) for p in stylizers]
@@ -142,7 +142,7 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
     summary["reid"] = reports_to_json(reports)
     summary["recognizer"] = DlibRecognizer.name
     if gatys_people:
-        from common.anonymize import GatysFilter
+        from common.anonymization.anonymizer import GatysFilter
 
         gatys = Anonymizer(GatysFilter(load_style_image(meta["style_file"]), steps=150, work_size=work),
                            detector=detector)

@@ -34,8 +34,7 @@ app.add_typer(audit_app, name="audit")
 
 
 def _add_deploy() -> None:
-    from simulations.deploy_cli import deploy_app
-    from simulations.deploy_run import site_command, superlink_command
+    from simulations.deploy_cli import deploy_app, site_command, superlink_command
 
     app.add_typer(deploy_app, name="deploy")
     app.command("superlink")(superlink_command)
@@ -145,9 +144,9 @@ def _print_summary(run_dir: Path) -> None:
 
 def _write_report(run_dirs: list, *, out: Optional[str] = None, summary: Optional[str] = None,
                   anonymization: Optional[str] = None, images: bool = True, quiet: bool = False, **gate_options):
-    """Build the report (see ``server.report``); the egress gate is built only when faces are to be shown."""
-    from server.report import build_report
-    from simulations.stylize import build_gate
+    """Build the report (see ``server.report.build``); the egress gate is built only when faces are to be shown."""
+    from server.report.build import build_report
+    from server.stylizers import build_gate
 
     def log(text: str) -> None:
         if not quiet:
@@ -241,7 +240,7 @@ def data_prepare(
     mode: str = typer.Option("auto", help="auto | crop (aligned sets such as LFW) | detect (MTCNN + alignment)."),
 ) -> None:
     """Preprocess a dataset once (detect/align or crop, resize) into the cache; later runs reuse it."""
-    from common.datasets import load_faces
+    from common.data.datasets import load_faces
 
     _setup_logging(False)
     faces = load_faces(data, image_size=size, mode=mode, min_images=1, progress=True)
@@ -289,9 +288,9 @@ def anonymize(
     data: Optional[str] = typer.Option(None, help="Faces to train a missing stylizer on (default: LFW if present)."),
 ) -> None:
     """Stylize every face in photos so they can be shared; reports faces found and re-identification scores."""
-    from common.egress import EgressGate
-    from simulations.anonymize_files import anonymize_files, summary_line
-    from simulations.stylize import build_anonymizer, default_recognizer
+    from client.photos import anonymize_files, summary_line
+    from common.anonymization.egress import EgressGate
+    from server.stylizers import build_anonymizer, default_recognizer
 
     _setup_logging(False)
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
@@ -316,7 +315,7 @@ def anonymize(
 
 
 def _default_lfw() -> Optional[str]:
-    from common.styles import default_styles_dir
+    from common.anonymization.styles import default_styles_dir
 
     lfw = default_styles_dir().parent / "lfw"
     return str(lfw) if (lfw / "peopleDevTrain.txt").is_file() else None
@@ -325,7 +324,7 @@ def _default_lfw() -> Optional[str]:
 @style_app.command("list")
 def style_list(styles_dir: Optional[str] = typer.Option(None, help="Folder of style paintings.")) -> None:
     """The named styles, whether their paintings are found, and the trained stylizers in the cache."""
-    from common.styles import NAMED_STYLES, StyleError, cached_stylizers, resolve_style
+    from common.anonymization.styles import NAMED_STYLES, StyleError, cached_stylizers, resolve_style
 
     table = Table(title="Named styles (public-domain paintings)")
     for col in ("name", "painting", "file"):
@@ -373,7 +372,7 @@ def style_train(
     vgg19_sha256: Optional[str] = typer.Option(None, help="SHA-256 of --vgg19 (required with it)."),
 ) -> None:
     """Train a fast feed-forward stylizer for one style (random-feature perceptual loss + identity term)."""
-    from simulations.stylize import anonymizer_settings, ensure_stylizer
+    from server.stylizers import anonymizer_settings, ensure_stylizer
 
     _setup_logging(False)
     overrides = {"steps": steps, "batch_size": batch_size, "image_size": image_size}
@@ -404,8 +403,8 @@ def style_export(
     styles_dir: Optional[str] = typer.Option(None, help="Folder of style paintings."),
 ) -> None:
     """Export a stylizer as TorchScript and ONNX for phones and edge boxes (each checked against PyTorch)."""
-    from common.styles import load_stylizer
-    from simulations.stylize import ensure_stylizer, export_stylizer
+    from common.anonymization.styles import load_stylizer
+    from server.stylizers import ensure_stylizer, export_stylizer
 
     _setup_logging(False)
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
@@ -460,8 +459,8 @@ def morph(
     pingpong: bool = typer.Option(True, "--pingpong/--no-pingpong", help="Loop A -> B -> A (default) or A -> B."),
 ) -> None:
     """Morph one face into another through the latent space of a run's VAE; writes a GIF and a PNG strip."""
-    from simulations.morph import check_request, check_run, morph_images, read_photo
-    from simulations.stylize import build_gate
+    from server.morph import check_request, check_run, morph_images, read_photo
+    from server.stylizers import build_gate
 
     _setup_logging(False)
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
@@ -489,8 +488,8 @@ def morph(
 def main() -> None:
     """Console-script entry point: known errors become one line on stderr and exit status 2."""
     from client.privacy import PrivacyBudgetError
-    from common.datasets import DataError
-    from common.styles import StyleError
+    from common.anonymization.styles import StyleError
+    from common.data.datasets import DataError
     from server.rundir import RunDirError
 
     try:

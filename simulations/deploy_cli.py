@@ -1,13 +1,18 @@
-"""``facefl deploy init|add-site|revoke-site``: key material for a SuperLink and one SuperNode per site.
+"""The deployment commands of ``facefl``: ``deploy init|add-site|revoke-site`` (key material for a SuperLink and
+one SuperNode per site, ``server/deployment/provision.py``), ``superlink`` (``server/deployment/superlink.py``)
+and ``site`` (``client/supernode.py``).
 
-Registered in ``simulations/cli.py`` with ``app.add_typer(deploy_app, name="deploy")``. Errors are raised as
+Registered in ``simulations/cli.py``; ``python -m simulations.deploy_cli superlink|site ...`` runs the two
+long-running commands without the rest of the CLI. Errors are raised as
 ``ValueError`` / ``FileNotFoundError`` (``ProvisionError`` is a ``ValueError``) with a one-line message; the main
 entry point prints them as ``error: ...`` and exits with status 2.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -25,7 +30,7 @@ def init(
                                   "certificate (repeatable). localhost, 127.0.0.1 and ::1 are always included."),
 ) -> None:
     """Create a CA, the SuperLink's TLS certificate, one authentication key per site and an app-signing key."""
-    from server.provision import init_deployment
+    from server.deployment.provision import init_deployment
 
     names = [s.strip() for s in sites.split(",") if s.strip()]
     dep = init_deployment(out, server_host, names, extra_sans=san)
@@ -48,7 +53,7 @@ def add_site_cmd(
     deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init`."),
 ) -> None:
     """Add a site: a new authentication key, its bundle and its SuperLink allow-list entry."""
-    from server.provision import add_site, load_deployment
+    from server.deployment.provision import add_site, load_deployment
 
     bundle = add_site(deployment, name)
     dep = load_deployment(deployment)
@@ -63,8 +68,70 @@ def revoke_site_cmd(
     deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init`."),
 ) -> None:
     """Revoke a site: remove it from the allow-list, delete its private key, and never reuse its name."""
-    from server.provision import revoke_site
+    from server.deployment.provision import revoke_site
 
     revoke_site(deployment, name)
     typer.echo(f"Revoked site {name}. A running `facefl superlink` unregisters its node on SIGHUP (or restart "
                "it); until then the site can still connect.")
+
+
+def superlink_command(
+    deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init`."),
+    state: Optional[Path] = typer.Option(None, "--state", help="State folder: database (registered sites, runs), "
+                                         "nodes.json, log, FLWR_HOME. Default DIR/superlink/state."),
+    port: Optional[int] = typer.Option(None, "--port", help="HTTPS port of the Fleet, Control and Runtime APIs "
+                                       "(default: the deployment's, 8000)."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    startup_timeout: float = typer.Option(90.0, "--startup-timeout", help="Seconds to wait for the SuperLink "
+                                          "to accept connections."),
+) -> None:
+    """Run the deployment's SuperLink (TLS, SuperNode authentication), register its sites, print how to start
+    a run; stays in the foreground until Ctrl-C."""
+    from server.deployment.superlink import run_superlink
+
+    raise typer.Exit(run_superlink(deployment, state=state, port=port, host=host, startup_timeout=startup_timeout))
+
+
+def site_command(
+    deployment: Path = typer.Option(..., "--deployment", help="The deployment folder, or this site's bundle "
+                                    "(DIR/sites/NAME as the operator handed it out)."),
+    site: str = typer.Option(..., "--site", help="This site's name."),
+    data: Optional[Path] = typer.Option(None, "--data", help="This site's faces: a folder of identity folders "
+                                        "(default: data-path in site.toml)."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Privacy ledger, audit log, margin head, FLWR_HOME "
+                                         "(default: state-dir in site.toml, or ~/.local/share/facefl/NAME)."),
+    superlink: Optional[str] = typer.Option(None, "--superlink", help="SuperLink HOST:PORT (default: the bundle's)."),
+    runtime_port: Optional[int] = typer.Option(None, "--runtime-port", help="Local port of the SuperNode's "
+                                               "Runtime API (default 9094; one per site on a machine)."),
+    max_retries: Optional[int] = typer.Option(None, "--max-retries", help="Give up after this many failed "
+                                              "connection attempts (default: never)."),
+    max_wait_time: Optional[float] = typer.Option(None, "--max-wait-time", help="Give up reconnecting after "
+                                                  "this many seconds (default: never)."),
+    require_secure_aggregation: Optional[bool] = typer.Option(
+        None, "--require-secure-aggregation/--allow-plain-aggregation",
+        help="Refuse rounds that are not securely aggregated (SecAgg+), so the server never holds this site's "
+             "update alone (default: require-secure-aggregation in site.toml, else allow)."),
+) -> None:
+    """Run this site's SuperNode: it trains on the local faces when the SuperLink asks; stays in the foreground
+    until Ctrl-C."""
+    from client.supernode import run_site
+
+    raise typer.Exit(run_site(deployment, site, data=data, state=state, superlink=superlink,
+                              runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time,
+                              require_secure_aggregation=require_secure_aggregation))
+
+
+def _main() -> None:
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="facefl deployment processes: a SuperLink and its sites.")
+    app.command("superlink")(superlink_command)
+    app.command("site")(site_command)
+    try:
+        app()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _main()

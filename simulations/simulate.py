@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from common.config import ConfigError, RunConfig
-from common.sources import site_identities
+from common.data.sources import site_identities
 from server.rundir import default_run_dir, load_run_config
 
 

@@ -13,22 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import patience
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from PIL import Image
 
-from common.anonymize import Anonymizer, BlurFilter, PixelateFilter, StyleFilter, WholeImageStyle, pil_to_tensor
-from common.egress import (EgressGate, EgressRefused, EgressViolation, array_signature, check_reply,
-                           images_records)
-from common.preprocess import FaceAligner
-from common.recognizer import DlibRecognizer
-from common.styles import load_stylizer
+from common.anonymization.anonymizer import (Anonymizer, BlurFilter, PixelateFilter, StyleFilter, WholeImageStyle,
+                                             pil_to_tensor)
+from common.anonymization.egress import (EgressGate, EgressRefused, EgressViolation, array_signature, check_reply,
+                                         images_records)
+from common.anonymization.recognizer import DlibRecognizer
+from common.anonymization.styles import load_stylizer
+from common.data.preprocess import FaceAligner
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def faces_dir(shared_data) -> Path:
-    return shared_data / "faces"
 
 
 @pytest.fixture(scope="session")
@@ -179,7 +176,7 @@ def test_replies_with_raw_faces_are_rejected(faces_dir, detector, recognizer):
 
 
 def test_stylizer_file_checks(trained_stylizer, tmp_path):
-    from common.styles import StyleError
+    from common.anonymization.styles import StyleError
 
     _, meta, path = trained_stylizer
     copy = tmp_path / "s.pt"
@@ -192,7 +189,7 @@ def test_stylizer_file_checks(trained_stylizer, tmp_path):
 
 
 def test_export_round_trip(trained_stylizer, tmp_path):
-    from simulations.stylize import export_stylizer
+    from server.stylizers import export_stylizer
 
     model, meta, _ = trained_stylizer
     written = export_stylizer(model, meta, tmp_path / "export")
@@ -231,7 +228,7 @@ def test_cli_anonymize_files(trained_stylizer, faces_dir, tmp_path):
     env = {**os.environ, "FACEFL_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "anonymize", str(inputs), "--out", str(out),
                            "--stylizer", str(stylizer_path), "--method", "pixelate"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=patience(300))
     assert proc.returncode == 1, proc.stderr  # one unreadable file: reported, the others written
     assert {p.name: _digest(p) for p in inputs.iterdir()} == before  # inputs untouched
     report = json.loads((out / "anonymize-report.json").read_text())
@@ -247,12 +244,12 @@ def test_cli_anonymize_files(trained_stylizer, faces_dir, tmp_path):
     # Output folder equal to the input folder: nothing is overwritten.
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "anonymize", str(inputs / "brad_pitt.jpg"),
                            "--out", str(inputs), "--method", "pixelate"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=patience(300))
     assert proc.returncode == 1 and "overwrite an input" in _said(proc)
     assert _digest(inputs / "brad_pitt.jpg") == before["brad_pitt.jpg"]
     proc = subprocess.run([sys.executable, "-m", "simulations.cli", "anonymize", str(tmp_path / "missing.jpg"),
                            "--out", str(out), "--method", "blur"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=patience(300))
     assert proc.returncode != 0 and "no such file" in _said(proc)
 
 
@@ -270,8 +267,8 @@ def test_many_faces_in_one_image(anonymizer, lfw_root):
 
 
 def test_gatys_method_in_the_pipeline(faces_dir, detector, shared_data):
-    from common.anonymize import GatysFilter
-    from simulations.stylize import load_style_image
+    from common.anonymization.anonymizer import GatysFilter
+    from server.stylizers import load_style_image
 
     style = load_style_image(shared_data / "styles" / "neural-style" / "starry_night.jpg")
     img = _open(faces_dir / "brad_pitt.jpg")

@@ -67,14 +67,19 @@ def test_empty_and_missing_logs(tmp_path):
     assert report.ok and report.entries == 0 and report.last_hash == GENESIS
 
 
-def test_edited_value_is_detected_at_its_line(tmp_path):
-    path = tmp_path / "audit.jsonl"
+def _edit_third_entry(path, edit) -> None:
+    """Rewrite the third of five logged entries through ``edit(entry)``, leaving the other lines as written."""
     _write_log(path, 5)
     lines = _lines(path)
     obj = json.loads(lines[2])
-    obj["data"]["loss"] = 0.001  # a better loss than the one recorded, hash kept
+    edit(obj)
     lines[2] = (canonical_json(obj) + "\n").encode()
     path.write_bytes(b"".join(lines))
+
+
+def test_edited_value_is_detected_at_its_line(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _edit_third_entry(path, lambda obj: obj["data"].update(loss=0.001))  # a better loss than recorded, hash kept
 
     report = verify_log(path)
     assert not report.ok
@@ -85,13 +90,12 @@ def test_edited_value_is_detected_at_its_line(tmp_path):
 
 def test_edit_with_recomputed_hash_breaks_the_next_link(tmp_path):
     path = tmp_path / "audit.jsonl"
-    _write_log(path, 5)
-    lines = _lines(path)
-    obj = json.loads(lines[2])
-    obj["data"]["loss"] = 0.001
-    obj["hash"] = entry_hash(obj)
-    lines[2] = (canonical_json(obj) + "\n").encode()
-    path.write_bytes(b"".join(lines))
+
+    def edit(obj: dict) -> None:
+        obj["data"]["loss"] = 0.001
+        obj["hash"] = entry_hash(obj)
+
+    _edit_third_entry(path, edit)
 
     report = verify_log(path)
     assert not report.ok

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from common.config import ConfigError, RunConfig
-from common.faceset import FaceSet
-from common.partition import partition_identities, split_heldout_identities, train_val_split
+from common.data.faceset import FaceSet
+from common.data.partition import partition_identities, split_heldout_identities, train_val_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,32 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import common.datasets as datasets
-from common.datasets import (
-    DataError,
-    Pair,
-    is_lfw_root,
-    lfw_image_relpath,
-    lfw_train_identities,
-    load_faces,
-    load_lfw_pairs,
-    read_pairs_file,
-    read_people_file,
-)
-from common.preprocess import (
-    FaceAligner,
-    arcface_template,
-    center_crop_face,
-    estimate_similarity,
-)
-
-
-@pytest.fixture(scope="module")
-def faces_dir(shared_data: Path) -> Path:
-    path = shared_data / "faces"
-    if not (path / "lenna.jpg").is_file():
-        pytest.skip(f"face photos not found at {path} (see ../shared/data/README.md)")
-    return path
+import common.data.datasets as datasets
+from common.data.datasets import (DataError, Pair, is_lfw_root, lfw_image_relpath, lfw_train_identities, load_faces,
+                                  load_lfw_pairs, read_pairs_file, read_people_file)
+from common.data.preprocess import FaceAligner, arcface_template, center_crop_face, estimate_similarity
 
 
 @pytest.fixture(scope="module")

@@ -18,27 +18,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import marked_processes, patience
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.privacy import PrivacyLedger
+from client.supernode import IMAGE_SUFFIXES
 from common.audit import verify_log
 from common.config import ConfigError
-from common.datasets import IMAGE_EXTENSIONS
-from server.provision import init_deployment, revoke_site
-from simulations.deploy_run import (
-    CONNECTION,
-    IMAGE_SUFFIXES,
-    DeploymentRunError,
-    _process_table,
-    flwr_json,
-    list_nodes,
-    run_logs,
-    run_status,
-    start_run,
-    wait_run,
-    write_flwr_config,
-)
+from common.data.datasets import IMAGE_EXTENSIONS
+from common.deployment import DeploymentRunError
+from common.processes import process_table
+from server.deployment.flwr_cli import CONNECTION, flwr_json, run_logs, run_status, start_run, wait_run
+from server.deployment.provision import init_deployment, revoke_site
+from server.deployment.superlink import list_nodes, write_flwr_config
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("a", "b", "c")
@@ -106,21 +99,12 @@ class _suppress:
 
 def _leftover_processes() -> list[str]:
     """Live processes (not zombies) started by this file, found by the mark in their environment."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if MARK.encode() in (proc / "environ").read_bytes() and \
-                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append(f"{proc.name}: {cmdline[:160]}")
-        except OSError:
-            continue
-    return found
+    return [f"{pid}: {cmdline[:160]}" for pid, cmdline in marked_processes(MARK).items()]
 
 
 def _wait_for(condition, timeout: float, what: str, *logs: Path) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds of a quiet machine (times PATIENCE)."""
+    timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -152,7 +136,7 @@ def _nodes(fed: Federation) -> dict[int, str]:
 
 def _start_superlink(fed: Federation, out: Path) -> None:
     """`facefl superlink` on the federation's deployment and port; returns once it has synced its sites."""
-    proc = _start([sys.executable, "-m", "simulations.deploy_run", "superlink", "--deployment", fed.root,
+    proc = _start([sys.executable, "-m", "simulations.deploy_cli", "superlink", "--deployment", fed.root,
                    "--host", "127.0.0.1", "--port", fed.port], out)
     fed.procs.append(proc)
     fed.superlinks.append((proc, out))
@@ -202,9 +186,9 @@ def test_superlink_registers_the_sites_and_prints_the_run_command(federation):
 
 @pytest.mark.slow
 def test_a_second_superlink_on_the_same_state_is_refused(federation):
-    done = subprocess.run([sys.executable, "-m", "simulations.deploy_run", "superlink", "--deployment", federation.root,
+    done = subprocess.run([sys.executable, "-m", "simulations.deploy_cli", "superlink", "--deployment", federation.root,
                            "--host", "127.0.0.1", "--port", str(_free_port())], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "FACEFL_TEST_MARK": MARK})
+                          text=True, timeout=patience(60), env={**os.environ, "FACEFL_TEST_MARK": MARK})
     assert done.returncode == 2 and "already running with the state folder" in done.stderr, done.stderr
 
 
@@ -224,12 +208,12 @@ def test_a_supernode_with_an_unregistered_key_is_refused(federation, lfw_root):
         (data / "person" / src.name).symlink_to(src)
     before = set(_nodes(federation))
     out = federation.tmp / "rogue.out"
-    proc = _start([sys.executable, "-m", "simulations.deploy_run", "site", "--deployment", rogue, "--site", "a",
+    proc = _start([sys.executable, "-m", "simulations.deploy_cli", "site", "--deployment", rogue, "--site", "a",
                    "--data", data, "--state", federation.tmp / "rogue-state", "--superlink", federation.address,
                    "--runtime-port", _free_port(), "--max-retries", "1", "--max-wait-time", "20"], out)
     federation.procs.append(proc)
     try:
-        code = proc.wait(timeout=90)
+        code = proc.wait(timeout=patience(90))
     except subprocess.TimeoutExpired:
         pytest.fail("a SuperNode with an unregistered key was not turned away:\n" + out.read_text()[-4000:])
     text = out.read_text()
@@ -253,7 +237,7 @@ def test_a_supernode_without_tls_cannot_connect(federation):
         proc = _start([BINDIR / "flower-supernode", *common, *extra, "--port", _free_port()], out)
         federation.procs.append(proc)
         try:
-            code = proc.wait(timeout=90)
+            code = proc.wait(timeout=patience(90))
         except subprocess.TimeoutExpired:
             pytest.fail(f"an --insecure SuperNode ({label}) kept running:\n" + out.read_text()[-4000:])
         finally:
@@ -275,7 +259,7 @@ def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root):
     outs = {s: tmp / f"site-{s}.out" for s in SITES}
     for s in SITES:
         federation.sites[s] = _start(
-            [sys.executable, "-m", "simulations.deploy_run", "site", "--deployment", federation.root, "--site", s,
+            [sys.executable, "-m", "simulations.deploy_cli", "site", "--deployment", federation.root, "--site", s,
              "--data", data[s], "--state", states[s], "--superlink", federation.address,
              "--runtime-port", _free_port()], outs[s])
         federation.procs.append(federation.sites[s])
@@ -331,14 +315,15 @@ def _run_config(lfw_root: Path, tmp: Path, **changes) -> dict:
     """The deployment runs' config: a small DP run whose budget is planned over 3 rounds."""
     return {"task": "embedding", "data": str(lfw_root), "num-rounds": 2, "min-sites": 3, "dp": True,
             "target-epsilon": 50, "accountant": "rdp", "batch-size": 16, "eval-pairs": 100, "eval-faces": 16,
-            "run-dir": str(tmp / "run"), "cache-dir": str(tmp / "cache"), "round-timeout": 120, "planned-rounds": 3,
+            "run-dir": str(tmp / "run"), "cache-dir": str(tmp / "cache"), "round-timeout": patience(120),
+            "planned-rounds": 3,
             **changes}
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL ``proc`` and everything under it (descendants, and the sessions and process groups they lead: Flower
     starts its SuperExec in a session of its own), all stopped first so that nothing reacts to the others' death."""
-    table = _process_table()
+    table = process_table()
     ours, changed = {proc.pid}, True
     while changed:
         changed = False
@@ -351,7 +336,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             with _suppress():
                 os.kill(pid, signum)
     proc.wait(timeout=10)
-    _wait_for(lambda: all(_process_table().get(pid, (0, 0, 0, 0, "Z"))[4] == "Z" for pid in ours), 20,
+    _wait_for(lambda: all(process_table().get(pid, (0, 0, 0, 0, "Z"))[4] == "Z" for pid in ours), 20,
               "a killed process tree did not go away")
 
 
@@ -394,12 +379,12 @@ def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lf
     nxt = done + 1
     run_id = start_run(federation.root, federation.state, REPO, _run_config(
         lfw_root, tmp, **{"num-rounds": nxt, "min-sites": 2, "resume-from": str(run_dir), "secure-aggregation": True,
-                          "round-timeout": 60, "secagg-timeout": 15}))
+                          "round-timeout": patience(60), "secagg-timeout": patience(15)}))
     _wait_for(lambda: "[ROUND 1/1] (secure aggregation" in run_logs(federation.root, federation.state, run_id), 120,
               f"round {nxt} did not start", out)
     time.sleep(2)
     _kill_tree(procs["c"])
-    status = wait_run(federation.root, federation.state, run_id, timeout=240, poll=2)
+    status = wait_run(federation.root, federation.state, run_id, timeout=patience(240), poll=2)
     logs = run_logs(federation.root, federation.state, run_id)
     assert status == "finished:completed", logs[-4000:]
     assert "Secure aggregation completed" in logs, logs[-4000:]
@@ -437,9 +422,9 @@ def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lf
     assert nodes["c"]["status"] == "unregistered" and nodes["c"]["reason"] == "revoked"
     assert _nodes(federation)[int(nodes["c"]["node_id"])] == "unregistered"
     assert federation.superlink.poll() is None  # SIGHUP does not stop it
-    refused = subprocess.run([sys.executable, "-m", "simulations.deploy_run", "site", "--deployment",
+    refused = subprocess.run([sys.executable, "-m", "simulations.deploy_cli", "site", "--deployment",
                               federation.root, "--site", "c", "--data", tmp / "data" / "c"],
-                             cwd=REPO, capture_output=True, text=True, timeout=60,
+                             cwd=REPO, capture_output=True, text=True, timeout=patience(60),
                              env={**os.environ, "FACEFL_TEST_MARK": MARK})
     assert refused.returncode == 2 and "was revoked" in refused.stderr, refused.stderr
     log = tmp / "revoked-key.out"
@@ -448,7 +433,7 @@ def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lf
                    "--max-retries", "1", "--max-wait-time", "15", "--port", _free_port()], log)
     federation.procs.append(proc)
     try:
-        assert proc.wait(timeout=90) != 0, log.read_text()
+        assert proc.wait(timeout=patience(90)) != 0, log.read_text()
     finally:
         _stop(proc, grace=5)
     assert "Failed to activate SuperNode" in log.read_text()
@@ -458,7 +443,7 @@ def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lf
         _stop(procs[s])
         assert procs[s].returncode == 0
         assert "stopped flower-supernode" in outs[s].read_text()
-    _wait_for(lambda: not any("simulations.deploy_run site" in line or "flower-supernode" in line
+    _wait_for(lambda: not any("simulations.deploy_cli site" in line or "flower-supernode" in line
                               for line in _leftover_processes()), 20, "site processes left running")
 
 
@@ -476,9 +461,9 @@ def test_site_checks_its_data_and_bundle_before_starting_anything(tmp_path, lfw_
              ("b", tmp_path / "one-each"): "was revoked",
              ("zz", tmp_path / "one-each"): "No site 'zz'"}
     for (site, data), message in cases.items():
-        argv = [sys.executable, "-m", "simulations.deploy_run", "site", "--deployment", str(dep.root), "--site", site,
+        argv = [sys.executable, "-m", "simulations.deploy_cli", "site", "--deployment", str(dep.root), "--site", site,
                 "--state", str(tmp_path / "state"), *(["--data", str(data)] if data else [])]
-        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60,
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=patience(60),
                               env={**os.environ, "FACEFL_TEST_MARK": MARK})
         assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
@@ -503,7 +488,7 @@ def test_start_run_checks_the_run_config_before_sending_it(tmp_path):
 def test_a_site_can_require_secure_aggregation(tmp_path, lfw_root):
     """`facefl site --require-secure-aggregation` (or site.toml) reaches the ClientApp as node config; the ClientApp's
     refusal of plain rounds is tested in test_secure_aggregation."""
-    from simulations.deploy_run import resolve_site, supernode_argv
+    from client.supernode import resolve_site, supernode_argv
 
     dep = init_deployment(tmp_path / "dep", "127.0.0.1", ["a"])
     (tmp_path / "faces" / "person").mkdir(parents=True)

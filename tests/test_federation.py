@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import MARK, facefl
+from conftest import MARK, facefl, marked_processes
 
 from common.audit import verify_log
 
 
 def _leftover_processes() -> list[int]:
     """Live processes (not zombies) that a facefl command of this test started, found by their environment."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if MARK.encode() in (proc / "environ").read_bytes() and \
-                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
+    return sorted(marked_processes(MARK))
 
 
 def _all_stopped(wait: float = 15.0) -> bool:

@@ -13,19 +13,9 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.embedding import (
-    CompactFaceNet,
-    DPConv2d,
-    _conv_grad_sample,
-    build_embedding_model,
-    build_inception_resnet,
-)
-from common.losses import (
-    MarginHead,
-    check_loss_allowed,
-    margin_softmax_loss,
-    triplet_semihard_loss,
-)
+from common.models.embedding import (CompactFaceNet, DPConv2d, _conv_grad_sample, build_embedding_model,
+                                     build_inception_resnet)
+from common.models.losses import MarginHead, check_loss_allowed, margin_softmax_loss, triplet_semihard_loss
 from common.weights import load_state_dict_checked, sha256_file
 
 # Opacus hooks the first layer, whose input needs no gradient; PyTorch warns about that, harmlessly.

@@ -16,15 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import patience
 from PIL import Image
 
 from common.config import RunConfig
-from common.datasets import load_faces, read_pairs_file, read_people_file
-from common.models import build_models
-from common.morphing import gif_bytes, loop_frames, mse, placeholder, strip, to_pil, upscale
-from common.preprocess import FaceAligner, align_to_template, arcface_template, center_crop_face, lfw_crop_template
+from common.data.datasets import load_faces, read_pairs_file, read_people_file
+from common.data.preprocess import FaceAligner, align_to_template, arcface_template, center_crop_face, lfw_crop_template
+from common.models.federated import build_models
+from common.models.morphing import gif_bytes, loop_frames, mse, placeholder, strip, to_pil, upscale
+from server.morph import prepare_face
 from server.rundir import RunDirectory, load_run_models
-from simulations.morph import prepare_face
 
 FACEFL = str(Path(sys.executable).with_name("facefl"))
 STEPS, SIZE, GAP = 11, 128, 2
@@ -73,7 +74,8 @@ def plain_morph(tmp_path_factory, vae_run: Path, photos) -> tuple[subprocess.Com
     out = tmp_path_factory.mktemp("morph-plain") / "ab.gif"
     proc = subprocess.run([FACEFL, "morph", str(photos[0]), str(photos[1]), "--run", str(vae_run), "--steps",
                            str(STEPS), "--out", str(out), "--no-anonymize"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+                          capture_output=True, text=True, timeout=patience(300),
+                          env={**os.environ, "COLUMNS": "200"})
     return proc, out
 
 
@@ -219,10 +221,10 @@ def test_cli_morph_anonymized(monkeypatch, capsys, plain_morph, vae_run: Path, p
 def test_withheld_frames_become_placeholders(shared_data):
     """A real gate (MTCNN, a barely-there blur, dlib) withholds frames that still show a recognisable face and
     releases a frame with none (blurred whole); withheld frames become grey placeholders, all withheld is an error."""
-    from common.anonymize import Anonymizer, BlurFilter
-    from common.egress import EgressGate
-    from common.recognizer import DlibRecognizer
-    from simulations.morph import MorphError, release_frames
+    from common.anonymization.anonymizer import Anonymizer, BlurFilter
+    from common.anonymization.egress import EgressGate
+    from common.anonymization.recognizer import DlibRecognizer
+    from server.morph import MorphError, release_frames
 
     gate = EgressGate(Anonymizer(BlurFilter(0.004), detector=FaceAligner(min_score=0.6)), DlibRecognizer(),
                       site="test", escalate_to=0.0)
@@ -289,7 +291,7 @@ def test_bad_input_in_the_real_console_script(tmp_path, photos, vae_run):
     corrupt.write_bytes(os.urandom(512))
     out = tmp_path / "m.gif"
     proc = subprocess.run([FACEFL, "morph", str(photos[0]), str(corrupt), "--run", str(vae_run), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=patience(120))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
     assert "Traceback" not in proc.stderr and "corrupt.jpg" in proc.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from conftest import patience
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -25,9 +26,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 from typer.testing import CliRunner
 
-from server import provision
-from server.provision import (ProvisionError, add_site, init_deployment, load_deployment, revoke_site,
-                              sign_fab)
+from server.deployment import provision
+from server.deployment.provision import (ProvisionError, add_site, init_deployment, load_deployment, revoke_site,
+                                         sign_fab)
 from simulations.deploy_cli import deploy_app
 
 SITES = ["a", "b", "c"]
@@ -333,7 +334,7 @@ def test_real_superlink_accepts_the_files(tmp_path):
                 return False
             return True
 
-        assert _wait_for(tls_up, 60), log.read_text()[-3000:]
+        assert _wait_for(tls_up, patience(60)), log.read_text()[-3000:]
 
         home = tmp_path / "flwr-home"
         home.mkdir()
@@ -341,7 +342,7 @@ def test_real_superlink_accepts_the_files(tmp_path):
         env = {**os.environ, "FLWR_HOME": str(home)}
         registered = subprocess.run([bindir / "flwr", "supernode", "register", dep.allow_list()["a"], "facefl",
                                      "--name", "a", "--format", "json"],
-                                    env=env, capture_output=True, text=True, timeout=120)
+                                    env=env, capture_output=True, text=True, timeout=patience(120))
         assert registered.returncode == 0, registered.stdout + registered.stderr
         node_id = json.loads(registered.stdout[registered.stdout.index("{"):])["node-id"]
 
@@ -352,8 +353,9 @@ def test_real_superlink_accepts_the_files(tmp_path):
                  "--auth-supernode-private-key", dep.site(name).private_key,
                  "--isolation", "process", "--port", str(_free_port()), "--max-retries", "0"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path))
-        assert _wait_for(lambda: f"Activated node_id={node_id}" in log.read_text(), 90), log.read_text()[-3000:]
-        assert nodes[1].wait(timeout=90) != 0  # site b was never registered: the SuperLink turns it away
+        assert _wait_for(lambda: f"Activated node_id={node_id}" in log.read_text(), patience(90)), \
+            log.read_text()[-3000:]
+        assert nodes[1].wait(timeout=patience(90)) != 0  # site b was never registered: the SuperLink turns it away
         assert "No SuperNode found with the given public key" in log.read_text()
     finally:
         for proc in [*nodes, link]:

@@ -12,19 +12,11 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from common.datasets import DataError
-from common.preprocess import FaceAligner
-from common.recognizer import DlibRecognizer, RecognizerUnavailable
-from common.reid import (
-    ReidBench,
-    ReidReport,
-    gaussian_blur,
-    identity_transform,
-    lfw_test_people,
-    measure_reid,
-    open_people,
-    pixelate,
-)
+from common.anonymization.recognizer import DlibRecognizer, RecognizerUnavailable
+from common.anonymization.reid import (ReidBench, ReidReport, gaussian_blur, identity_transform, lfw_test_people,
+                                       measure_reid, open_people, pixelate)
+from common.data.datasets import DataError
+from common.data.preprocess import FaceAligner
 from simulations.bench_anonymize import reports_to_json, run_anonymize_bench
 
 PEOPLE = 8

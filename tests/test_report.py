@@ -83,10 +83,10 @@ def test_simulate_writes_the_report_and_summary(federated_run):
 def test_report_never_shows_a_raw_face(federated_run):
     """Every face image in the page went through the gate: none equals (or nearly equals) the raw image the VAE
     section was made from."""
-    from server.report import TILE_SIZE
-    from server.report_eval import models_from_state, vae_images
-    from server.run_reader import read_run
-    from common.sources import eval_data
+    from server.report.build import TILE_SIZE
+    from server.report.evaluate import models_from_state, vae_images
+    from server.report.reader import read_run
+    from common.data.sources import eval_data
 
     data = read_run(federated_run)
     raw = vae_images(models_from_state(data.cfg, data.state).vae, eval_data(data.cfg), seed=data.cfg.seed)

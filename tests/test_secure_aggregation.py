@@ -19,7 +19,7 @@ from client.app import make_client_app
 from client.privacy import PrivacyLedger
 from common.audit import verify_log
 from common.config import ConfigError, RunConfig
-from common.models import build_models
+from common.models.federated import build_models
 from common.secagg import WEIGHT_METRIC, error_bound, quantization_range
 from server.federation import run_federation
 

@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import RunConfig
-from common.models import build_models
+from common.models.federated import build_models
 from server.strategy import aggregate_site_metrics, build_strategy
 
 

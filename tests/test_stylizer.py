@@ -12,21 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from common.embedding import build_embedding_model
-from common.gatys import gatys_stylize
-from common.perceptual import (
-    RandomFeatureNet,
-    VGG19Features,
-    build_feature_net,
-    gram_matrix,
-    prepare_style_image,
-    style_grams,
-    style_loss,
-    total_variation,
-)
-from common.preprocess import center_crop_face, image_to_tensor
-from common.style_train import StyleTrainSettings, train_stylizer
-from common.stylizer import STYLENET_WIDTHS, StyleNet, build_stylenet, stylenet_config
+from common.anonymization.gatys import gatys_stylize
+from common.anonymization.perceptual import (RandomFeatureNet, VGG19Features, build_feature_net, gram_matrix,
+                                             prepare_style_image, style_grams, style_loss, total_variation)
+from common.anonymization.style_train import StyleTrainSettings, train_stylizer
+from common.anonymization.stylizer import STYLENET_WIDTHS, StyleNet, build_stylenet, stylenet_config
+from common.data.preprocess import center_crop_face, image_to_tensor
+from common.models.embedding import build_embedding_model
 from common.weights import sha256_file
 
 FACE_SIZE = 64

@@ -7,8 +7,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from common.augment import AugmentConfig, augment_faces
-from common.synthetic import make_synthetic_faces
+from common.data.augment import AugmentConfig, augment_faces
+from common.data.synthetic import make_synthetic_faces
 
 K, M = 32, 10  # the defaults of make_synthetic_faces
 

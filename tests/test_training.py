@@ -14,11 +14,11 @@ from client.privacy import PrivacyLedger
 from client.site import Site, SiteState, run_round
 from client.train import DPSettings, EmbeddingClassifier, normalize
 from common.config import RunConfig
-from common.datasets import load_faces, read_people_file
-from common.embedding import build_embedding_model
-from common.losses import MarginHead, margin_softmax_loss
-from common.models import build_models
-from common.vae import ConvVAE, Discriminator, VAEConfig
+from common.data.datasets import load_faces, read_people_file
+from common.models.embedding import build_embedding_model
+from common.models.federated import build_models
+from common.models.losses import MarginHead, margin_softmax_loss
+from common.models.vae import ConvVAE, Discriminator, VAEConfig
 from server.rundir import RunDirectory
 
 

@@ -1,4 +1,4 @@
-"""Tests of the DP-compatible VAE / VAE-GAN in common/vae.py (real models and real Opacus, no mocks)."""
+"""Tests of the DP-compatible VAE / VAE-GAN in common/models/vae.py (real models and real Opacus, no mocks)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,8 @@ from opacus import GradSampleModule, PrivacyEngine
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.vae import (
-    ConvVAE,
-    Discriminator,
-    VAEConfig,
-    interpolate,
-    lsgan_discriminator_loss,
-    lsgan_generator_loss,
-    vae_loss,
-    vae_loss_terms,
-)
+from common.models.vae import (ConvVAE, Discriminator, VAEConfig, interpolate, lsgan_discriminator_loss,
+                               lsgan_generator_loss, vae_loss, vae_loss_terms)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),  # Opacus hooks, inputs need no grad

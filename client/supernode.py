@@ -1,0 +1,230 @@
+"""``facefl site``: run one site of a deployment (``flower-supernode``), and the site's checks before it starts.
+
+``facefl site --deployment DIR --site NAME --data PATH`` starts ``flower-supernode`` for one site with the
+bundle's CA and authentication key, and tells the ClientApp where the site's faces and state are
+(``--node-config "data-path=... site-name=... state-dir=..."``; see ``client.site.Site.from_node_config``).
+``DIR`` is either the whole deployment folder or the site's own bundle (``DIR/sites/NAME`` as handed out). Before
+anything starts, the site checks its bundle (CA, key, ``site.toml``), its data folder (identity folders of two or
+more images) and its ports. The site keeps reconnecting while the SuperLink is away (Flower's default: no limit
+on retries). The command stays in the foreground under :mod:`common.processes`.
+
+Signed apps: an app sent with ``flwr run .`` carries no signature in Flower 1.42, so ``--trusted-entities`` is
+passed to the SuperNode only when its ``site.toml`` says ``require-signed-apps = true`` (it then refuses such apps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.deployment import (DATA_PATH_PLACEHOLDER, DEPLOYMENT_FILE, SITE_CONFIG, SUPERNODE_RUNTIME_PORT,
+                               DeploymentRunError, check_bindable, check_host_port, check_port, check_site_name,
+                               flower_bin, flower_env, flwr_home, node_config_value)
+from common.processes import ChildProcess, exclusive, run_in_foreground, say
+
+SUPERNODE_LOG = "supernode.log"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".pgm"})  # = common.data.datasets.IMAGE_EXTENSIONS
+MIN_IMAGES = 2  # a site learns only from identities with at least two images (client.site -> load_site_folder)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """What ``flower-supernode`` is started with for one site (paths absolute)."""
+
+    name: str
+    bundle: Path
+    superlink: str
+    ca_cert: Path
+    private_key: Path
+    data: Path
+    state: Path
+    runtime_port: int
+    trusted_entities: Path | None = None
+    require_secure_aggregation: bool = False
+
+
+def resolve_site(deployment_dir: str | Path, site: str, *, data: str | Path | None = None,
+                 state: str | Path | None = None, superlink: str | None = None,
+                 runtime_port: int | None = None, require_secure_aggregation: bool | None = None) -> SiteSettings:
+    """Find the site's bundle and settings (command line over ``site.toml``), and check its data folder."""
+    name = check_site_name(site)
+    bundle, ports = _find_bundle(Path(deployment_dir).expanduser().absolute(), name)
+    config = _read_site_toml(bundle)
+    if config.get("site-name", name) != name:
+        raise DeploymentRunError(f"{bundle / SITE_CONFIG} belongs to site {config['site-name']!r}, not {name!r}.")
+
+    def bundle_path(key: str, default: str) -> Path:
+        return (bundle / str(config.get(key) or default)).expanduser().absolute()
+
+    ca_cert, private_key = bundle_path("root-certificates", "ca.crt"), bundle_path("auth-supernode-private-key",
+                                                                                   "supernode.key")
+    if not ca_cert.is_file():
+        raise FileNotFoundError(f"No CA certificate at {ca_cert}; copy the site's whole bundle from the operator.")
+    if not private_key.is_file():
+        raise FileNotFoundError(f"No authentication key at {private_key}: the bundle is incomplete, or site {name} "
+                                "was revoked (its key is deleted then); ask the operator for a new site.")
+    if data:
+        data_path = check_site_data(data)
+    elif config.get("data-path") and config["data-path"] != DATA_PATH_PLACEHOLDER:
+        data_path = check_site_data(bundle_path("data-path", ""))
+    else:
+        raise DeploymentRunError(f"No data folder for site {name}: pass --data PATH (a folder of identity folders) "
+                                 f"or set data-path in {bundle / SITE_CONFIG}.")
+    if state:
+        state_dir = Path(state).expanduser().absolute()
+    elif config.get("state-dir"):
+        state_dir = bundle_path("state-dir", "state")
+    else:
+        state_dir = Path.home() / ".local" / "share" / "facefl" / name
+    address = superlink or str(config.get("superlink") or "")
+    if not address:
+        raise DeploymentRunError(f"No SuperLink address for site {name}: pass --superlink HOST:PORT.")
+    check_host_port(address)
+    trusted = bundle_path("trusted-entities", "trusted-entities.yaml") if config.get("require-signed-apps") else None
+    if trusted is not None and not trusted.is_file():
+        raise FileNotFoundError(f"require-signed-apps is set in {bundle / SITE_CONFIG} but {trusted} is missing.")
+    port = runtime_port if runtime_port is not None else ports.get("supernode_runtime", SUPERNODE_RUNTIME_PORT)
+    secure = bool(config.get("require-secure-aggregation", False)) if require_secure_aggregation is None \
+        else require_secure_aggregation
+    return SiteSettings(name, bundle, address, ca_cert, private_key, data_path, state_dir, check_port(port),
+                        trusted, secure)
+
+
+def supernode_argv(settings: SiteSettings, *, max_retries: int | None = None,
+                   max_wait_time: float | None = None) -> list[str]:
+    """The ``flower-supernode`` command line for a site."""
+    node_config = " ".join(f"{key}={node_config_value(value)}" for key, value in (
+        ("data-path", str(settings.data)), ("site-name", settings.name), ("state-dir", str(settings.state)),
+        ("require-secure-aggregation", "true" if settings.require_secure_aggregation else "false")))
+    argv = [flower_bin("flower-supernode"),
+            "--superlink", settings.superlink,
+            "--root-certificates", str(settings.ca_cert),
+            "--auth-supernode-private-key", str(settings.private_key),
+            "--node-config", node_config,
+            "--isolation", "subprocess",
+            "--port", str(settings.runtime_port)]
+    if settings.trusted_entities is not None:
+        argv += ["--trusted-entities", str(settings.trusted_entities)]
+    if max_retries is not None:
+        argv += ["--max-retries", str(max_retries)]
+    if max_wait_time is not None:
+        argv += ["--max-wait-time", str(max_wait_time)]
+    return argv
+
+
+def run_site(deployment_dir: str | Path, site: str, *, data: str | Path | None = None,
+             state: str | Path | None = None, superlink: str | None = None, runtime_port: int | None = None,
+             max_retries: int | None = None, max_wait_time: float | None = None, echo: bool = True,
+             require_secure_aggregation: bool | None = None) -> int:
+    """Start one site's SuperNode and stay in the foreground until a signal (or until it exits).
+
+    Returns 0 after a stop by signal, else flower-supernode's exit status (non-zero when the SuperLink refuses the
+    site or cannot be reached within ``max_retries`` / ``max_wait_time``; by default it retries forever)."""
+    settings = resolve_site(deployment_dir, site, data=data, state=state, superlink=superlink,
+                            runtime_port=runtime_port, require_secure_aggregation=require_secure_aggregation)
+    settings.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with exclusive(settings.state, f"facefl site {settings.name}"):
+        check_bindable("127.0.0.1", settings.runtime_port,
+                        f"Port {settings.runtime_port} (the SuperNode's local Runtime API) is in use, by another site "
+                        "on this machine?; pass another --runtime-port.")
+        if settings.trusted_entities is not None:
+            say("require-signed-apps is on: apps sent with `flwr run .` carry no signature in Flower 1.42 and "
+                 "will be refused by this site.")
+        log_path = settings.state / SUPERNODE_LOG
+        say(f"starting site {settings.name}: SuperLink {settings.superlink}, data {settings.data}, "
+             f"state {settings.state}, log {log_path}")
+        child = ChildProcess(f"flower-supernode ({settings.name})", supernode_argv(settings, max_retries=max_retries,
+                                                                             max_wait_time=max_wait_time),
+                       env=flower_env(flwr_home(settings.state)), cwd=settings.state, log_path=log_path, echo=echo,
+                       on_line=_site_watcher(settings))
+        with child:
+            code = run_in_foreground(child)
+        hint = _site_hint(child.tail()) if code else ""
+        if hint:
+            say(hint)
+        return code
+
+
+def check_site_data(path: str | Path) -> Path:
+    """``path`` if it is a folder with at least one identity folder of two or more images; else a one-line error."""
+    root = Path(path).expanduser().absolute()
+    layout = "a folder of identity folders, root/<person>/<image> (jpg, jpeg, png, pgm)"
+    if not root.exists():
+        raise DeploymentRunError(f"Site data folder {root} does not exist; pass --data with {layout}.")
+    if not root.is_dir():
+        raise DeploymentRunError(f"Site data {root} is not a folder; pass --data with {layout}.")
+    folders = 0
+    try:
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_dir():
+                    continue
+                folders += 1
+                with os.scandir(entry.path) as files:
+                    images = sum(1 for f in files if not f.name.startswith(".") and f.is_file()
+                                 and os.path.splitext(f.name)[1].lower() in IMAGE_SUFFIXES)
+                if images >= MIN_IMAGES:
+                    return root
+    except OSError as exc:
+        raise DeploymentRunError(f"Cannot read the site data folder {exc.filename or root}: {exc.strerror}.") from None
+    if not folders:
+        raise DeploymentRunError(f"Site data folder {root} has no identity folders; expected {layout}.")
+    raise DeploymentRunError(f"No identity folder in {root} has {MIN_IMAGES} or more images; a site learns only from "
+                             f"people with several photos ({layout}).")
+
+
+def _find_bundle(root: Path, name: str) -> tuple[Path, dict[str, int]]:
+    """(bundle folder, the deployment's ports if known) from a deployment folder or a site's own bundle."""
+    if (root / DEPLOYMENT_FILE).is_file():
+        try:
+            record = json.loads((root / DEPLOYMENT_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise DeploymentRunError(f"Cannot read {root / DEPLOYMENT_FILE} ({exc}); restore it from a backup.") \
+                from None
+        if name in record.get("revoked", {}):
+            raise DeploymentRunError(f"Site {name!r} was revoked in {root}; it can no longer join.")
+        if name not in record.get("sites", {}):
+            raise DeploymentRunError(f"No site {name!r} in {root}; the sites are: "
+                                     f"{', '.join(record.get('sites', {})) or 'none'}.")
+        return root / "sites" / name, {k: int(v) for k, v in record.get("ports", {}).items()}
+    for candidate in (root, root / "sites" / name, root / name):
+        if (candidate / SITE_CONFIG).is_file():
+            return candidate, {}
+    raise FileNotFoundError(f"{root} is neither a deployment folder nor site {name}'s bundle (no {DEPLOYMENT_FILE} "
+                            f"or {SITE_CONFIG}); pass the folder the operator gave this site.")
+
+
+def _read_site_toml(bundle: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads((bundle / SITE_CONFIG).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No {SITE_CONFIG} in {bundle}; copy the site's whole bundle.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DeploymentRunError(f"Cannot read {bundle / SITE_CONFIG}: {exc}.") from exc
+
+
+def _site_watcher(settings: SiteSettings) -> Callable[[str], None]:
+    seen = {"connected": False}
+
+    def on_line(line: str) -> None:
+        if not seen["connected"] and ("SuperNode ID:" in line or "Connection successful" in line):
+            seen["connected"] = True
+            say(f"site {settings.name} connected to the SuperLink at {settings.superlink}")
+    return on_line
+
+
+def _site_hint(tail: str) -> str:
+    if "Failed to activate SuperNode" in tail or "code: 2004" in tail:
+        return ("The SuperLink does not accept this site's key: it is not registered there (the operator's "
+                "`facefl superlink` registers every active site) or the site was revoked.")
+    if "CERTIFICATE_VERIFY_FAILED" in tail or "certificate verify failed" in tail.lower():
+        return ("TLS failed: the SuperLink's certificate is not signed by this bundle's ca.crt, or does not name "
+                "the address in --superlink.")
+    if "Giving up reconnection" in tail:
+        return "The SuperLink could not be reached; check --superlink and that it is running."
+    return ""

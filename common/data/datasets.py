@@ -1,0 +1,606 @@
+"""Identity-folder face datasets (LFW, VGGFace2, CASIA-WebFace layout), LFW protocol files, and a face cache.
+
+A dataset root holds one folder per identity: ``root/<identity>/<image>`` with ``.jpg``, ``.jpeg``,
+``.png`` or ``.pgm`` images. Faces are cropped (``"crop"``, for already aligned sets such as LFW) or
+detected and aligned with MTCNN (``"detect"``, for raw photos), resized to ``image_size`` and cached per
+identity folder, so a later run with the same (dataset, size, mode) only re-reads the cache.
+
+Bad input never crashes a load: unreadable files, non-image files, photos without a face and identities
+with too few images are skipped, counted in ``FaceSet.skipped`` and summarised in one WARNING line on the
+``facefl.data`` logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from common.atomic import atomic_torch_save
+from common.data.faceset import FaceSet
+from common.data.preprocess import LFW_CROP_FRACTION, FaceAligner, center_crop_face
+
+logger = logging.getLogger("facefl.data")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm"})
+MODES = ("auto", "crop", "detect")
+LFW_MARKER_FILES = ("peopleDevTrain.txt", "pairsDevTest.txt")
+CACHE_VERSION = 1
+# Longest side that detect mode decodes huge JPEGs at (the aligner detects at <= 1024 px anyway).
+DETECT_DECODE_SIDE = 1024
+
+_DATA_HINT = "pass --data an identity-folder dataset such as LFW, or omit it for the synthetic smoke-test set"
+
+
+class DataError(ValueError):
+    """A dataset or protocol file that cannot be used; the message names the path and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# LFW protocol files
+# --------------------------------------------------------------------------------------------------
+
+
+def is_lfw_root(root: str | os.PathLike) -> bool:
+    """True when ``root`` holds LFW's View 1 protocol files (``peopleDevTrain.txt`` and ``pairsDevTest.txt``)."""
+    root = Path(root)
+    return all((root / name).is_file() for name in LFW_MARKER_FILES)
+
+
+def _read_lines(path: str | os.PathLike) -> list[str]:
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"Protocol file does not exist: {path} (check the LFW root and file name).") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"Cannot read protocol file {path}: {exc} (replace it with the original LFW file).") from None
+
+
+def _positive_int(text: str) -> int | None:
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def read_people_file(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """Read an LFW people file (``peopleDevTrain.txt``, ``peopleDevTest.txt``, ``people.txt``).
+
+    Lines that are a bare number (the count header, and ``people.txt``'s fold headers) are skipped;
+    every other non-blank line must be ``name<TAB>count``.
+
+    Returns
+    -------
+    list[tuple[str, int]]
+        ``(name, number_of_images)`` in file order.
+
+    Raises
+    ------
+    DataError
+        On a malformed line, naming the file and line number.
+    """
+    people: list[tuple[str, int]] = []
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        fields = line.split()
+        if not fields or (len(fields) == 1 and fields[0].isdigit()):
+            continue
+        count = _positive_int(fields[1]) if len(fields) == 2 else None
+        if count is None:
+            raise DataError(
+                f"{path}:{lineno}: expected 'name<TAB>count', got {line.strip()!r} (fix or replace the people file)."
+            )
+        people.append((fields[0], count))
+    return people
+
+
+def lfw_image_relpath(name: str, index: int) -> str:
+    """Path of image ``index`` (1-based) of ``name`` relative to the LFW root: ``name/name_{index:04d}.jpg``."""
+    return f"{name}/{name}_{index:04d}.jpg"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One LFW verification pair: image ``index_a`` of ``name_a`` against image ``index_b`` of ``name_b``."""
+
+    name_a: str
+    index_a: int
+    name_b: str
+    index_b: int
+
+    @property
+    def same(self) -> bool:
+        """True for a matched pair (both images show the same person)."""
+        return self.name_a == self.name_b
+
+    @property
+    def relpath_a(self) -> str:
+        """Path of the first image relative to the LFW root."""
+        return lfw_image_relpath(self.name_a, self.index_a)
+
+    @property
+    def relpath_b(self) -> str:
+        """Path of the second image relative to the LFW root."""
+        return lfw_image_relpath(self.name_b, self.index_b)
+
+
+def read_pairs_file(path: str | os.PathLike) -> list[Pair]:
+    """Read an LFW pairs file (``pairsDevTrain.txt``, ``pairsDevTest.txt``, ``pairs.txt``).
+
+    The first line is a header (``count``, or ``folds count`` in ``pairs.txt``); then matched lines
+    ``name i j`` and mismatched lines ``name1 i name2 j`` (tab separated), blank lines ignored.
+
+    Returns
+    -------
+    list[Pair]
+        In file order.
+
+    Raises
+    ------
+    DataError
+        On a malformed header or pair line, naming the file and line number.
+    """
+    lines = _read_lines(path)
+    header = lines[0].split() if lines else []
+    if not header or len(header) > 2 or not all(f.isdigit() for f in header):
+        got = repr(lines[0].strip()) if lines else "an empty file"
+        raise DataError(f"{path}:1: expected a header 'count' or 'folds<TAB>count', got {got} (use an LFW pairs file).")
+    pairs: list[Pair] = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if not fields:
+            continue
+        pair = None
+        if len(fields) == 3:
+            i, j = _positive_int(fields[1]), _positive_int(fields[2])
+            if i is not None and j is not None:
+                pair = Pair(fields[0], i, fields[0], j)
+        elif len(fields) == 4:
+            i, j = _positive_int(fields[1]), _positive_int(fields[3])
+            if i is not None and j is not None:
+                pair = Pair(fields[0], i, fields[2], j)
+        if pair is None:
+            raise DataError(
+                f"{path}:{lineno}: expected 'name i j' or 'name1 i name2 j' with 1-based image numbers, "
+                f"got {line.strip()!r} (fix or replace the pairs file)."
+            )
+        pairs.append(pair)
+    return pairs
+
+
+def lfw_train_identities(root: str | os.PathLike, min_images: int = 2) -> list[str]:
+    """Names listed in ``root/peopleDevTrain.txt`` with at least ``min_images`` images (per that file).
+
+    Raises
+    ------
+    DataError
+        When ``root`` is not an LFW root.
+    """
+    root = Path(root)
+    if not is_lfw_root(root):
+        raise DataError(
+            f"Not an LFW root: {root} (it needs {' and '.join(LFW_MARKER_FILES)} beside the identity folders; "
+            "pass --data the LFW folder)."
+        )
+    return [name for name, count in read_people_file(root / "peopleDevTrain.txt") if count >= min_images]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and caching
+# --------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$FACEFL_CACHE`` if set, else ``~/.cache/facefl``."""
+    env = os.environ.get("FACEFL_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "facefl"
+
+
+def resolve_mode(mode: str, root: str | os.PathLike) -> str:
+    """Return ``"crop"`` or ``"detect"``; ``"auto"`` is ``"crop"`` for an LFW root, ``"detect"`` otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
+    if mode == "auto":
+        return "crop" if is_lfw_root(root) else "detect"
+    return mode
+
+
+def _check_root(root: str | os.PathLike) -> Path:
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"Dataset path does not exist: {path} ({_DATA_HINT}).")
+    if not path.is_dir():
+        raise DataError(f"Dataset path is not a directory: {path} ({_DATA_HINT}).")
+    return path
+
+
+def list_identities(root: str | os.PathLike) -> list[str]:
+    """Sorted names of the identity folders in ``root`` (hidden folders ignored)."""
+    root = _check_root(root)
+    with os.scandir(root) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+class _Scan(NamedTuple):
+    images: list[str]  # image file names, sorted
+    non_images: int  # other (non-hidden) files
+    fingerprint: str
+
+
+def _scan_identity(folder: Path) -> _Scan:
+    """List an identity folder; the fingerprint hashes the sorted (name, size, mtime_ns) of its files."""
+    entries = []
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.startswith(".") or not e.is_file():
+                continue
+            st = e.stat()
+            entries.append((e.name, st.st_size, st.st_mtime_ns))
+    entries.sort()
+    digest = hashlib.sha1(repr(entries).encode("utf-8")).hexdigest()
+    images = [n for n, _, _ in entries if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+    return _Scan(images, len(entries) - len(images), digest)
+
+
+class _Faces(NamedTuple):
+    images: torch.Tensor  # uint8 [n, 3, S, S]
+    paths: list[str]  # relative to root
+    skipped: dict[str, int]  # "unreadable" / "no-face" counts
+
+
+def _decode_image(path: Path, mode: str, image_size: int) -> Image.Image:
+    """Open and fully decode one image file, using JPEG draft mode to decode only the resolution needed."""
+    with Image.open(path) as img:
+        if img.format == "JPEG":
+            w, h = img.size
+            if mode == "crop":
+                need = image_size / LFW_CROP_FRACTION / min(w, h)  # fraction of full resolution needed
+            else:
+                need = DETECT_DECODE_SIDE / max(w, h)
+            if need < 1.0:
+                img.draft("RGB", (max(1, int(w * need) + 1), max(1, int(h * need) + 1)))
+        img = ImageOps.exif_transpose(img)
+        img.load()
+        return img
+
+
+def _compute_identity(
+    root: Path, identity: str, files: list[str], mode: str, image_size: int, aligner: Callable[[], FaceAligner]
+) -> _Faces:
+    faces: list[torch.Tensor] = []
+    paths: list[str] = []
+    skipped: Counter[str] = Counter()
+    for name in files:
+        path = root / identity / name
+        try:
+            img = _decode_image(path, mode, image_size)
+            face = center_crop_face(img, image_size, LFW_CROP_FRACTION) if mode == "crop" else None
+        # PIL's decoders raise many exception types (OSError, SyntaxError, ValueError, struct.error,
+        # DecompressionBombError, ...) on corrupt data; any of them means "unreadable", never a crash.
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("Unreadable image %s: %s", path, exc)
+            skipped["unreadable"] += 1
+            continue
+        if face is None:
+            detector = aligner()  # outside the try: a broken detector install must fail loudly
+            try:
+                result = detector.align(img)
+            except (RuntimeError, ValueError, IndexError) as exc:  # MTCNN on a degenerate image
+                logger.debug("Face detection failed on %s: %s", path, exc)
+                skipped["no-face"] += 1
+                continue
+            if not result.found:
+                skipped["no-face"] += 1
+                continue
+            face = result.face
+        faces.append(face)
+        paths.append(f"{identity}/{name}")
+    images = torch.stack(faces) if faces else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
+    return _Faces(images, paths, dict(skipped))
+
+
+def _cache_settings(mode: str, image_size: int) -> dict:
+    settings: dict = {"version": CACHE_VERSION, "mode": mode, "image_size": image_size}
+    if mode == "crop":
+        settings["crop_fraction"] = LFW_CROP_FRACTION
+    return settings
+
+
+def _read_cache(path: Path, fingerprint: str, settings: dict, image_size: int) -> tuple[_Faces | None, bool]:
+    """Return ``(faces, corrupt)``: faces when the cache file is valid and current, else None."""
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None, False
+    except Exception as exc:  # noqa: BLE001  (any damage to the file means: recompute it)
+        logger.debug("Corrupt cache file %s: %s", path, exc)
+        return None, True
+    try:
+        if entry["settings"] != settings or entry["fingerprint"] != fingerprint:
+            return None, False
+        images, paths, skipped = entry["images"], list(entry["paths"]), dict(entry["skipped"])
+        valid = (
+            isinstance(images, torch.Tensor)
+            and images.dtype == torch.uint8
+            and tuple(images.shape[1:]) == (3, image_size, image_size)
+            and len(paths) == images.shape[0]
+            and all(isinstance(p, str) for p in paths)
+            and all(isinstance(k, str) and isinstance(v, int) for k, v in skipped.items())
+        )
+    except (KeyError, TypeError, AttributeError):
+        valid = False
+    if not valid:
+        logger.debug("Malformed cache file %s", path)
+        return None, True
+    return _Faces(images, paths, skipped), False
+
+
+def _write_cache(path: Path, faces: _Faces, fingerprint: str, settings: dict) -> None:
+    """Write atomically (no fsync: a damaged cache file is recomputed)."""
+    entry = {
+        "settings": settings,
+        "fingerprint": fingerprint,
+        "images": faces.images.contiguous(),
+        "paths": faces.paths,
+        "skipped": faces.skipped,
+    }
+    atomic_torch_save(path, entry, durable=False)
+
+
+def _progress_bar(total: int, description: str):
+    """A rich progress bar on stderr with one task (``task_id`` 0), not yet started."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+    bar.add_task(description, total=total)
+    return bar
+
+
+def _summary(skipped: dict[str, int], min_images: int) -> str:
+    words = {
+        "unreadable": "unreadable files",
+        "not-an-image": "non-image files",
+        "no-face": "images without a detected face",
+        "too-few-images": f"identities with fewer than {min_images} usable images",
+        "missing-identity": "requested identities not found",
+    }
+    return ", ".join(f"{n} {words.get(k, k)}" for k, n in skipped.items())
+
+
+def load_faces(
+    root: str | os.PathLike,
+    *,
+    image_size: int = 64,
+    mode: str = "auto",
+    identities: Iterable[str] | None = None,
+    min_images: int = 2,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> FaceSet:
+    """Load an identity-folder dataset as square RGB face crops, using and filling the face cache.
+
+    Parameters
+    ----------
+    root : path
+        Dataset root with one folder per identity (``root/<identity>/<image>``).
+    image_size : int, default 64
+        Side ``S`` of the square crops.
+    mode : {"auto", "crop", "detect"}, default "auto"
+        ``"crop"``: centre crop (aligned sets); ``"detect"``: MTCNN + 5-point alignment (raw photos);
+        ``"auto"``: ``"crop"`` for an LFW root, ``"detect"`` otherwise.
+    identities : iterable of str, optional
+        Load only these identity folders. Names without a folder are counted as ``"missing-identity"``.
+    min_images : int, default 2
+        Identities with fewer usable images are dropped and counted as ``"too-few-images"``.
+    cache_dir : path, optional
+        Cache location; default ``$FACEFL_CACHE`` or ``~/.cache/facefl``. Files live at
+        ``<cache_dir>/<sha1(abs root)[:16]>/<mode>-<size>/<identity>.pt``. An unwritable cache is warned
+        about and loading goes on without it.
+    progress : bool, default True
+        Show a progress bar (stderr) while faces are being computed.
+
+    Returns
+    -------
+    FaceSet
+        Identities sorted by name and labelled 0..K-1 in that order; images uint8 ``[N, 3, S, S]``;
+        paths relative to ``root``. ``skipped`` counts, by reason, only reasons that occurred:
+        ``"unreadable"`` and ``"not-an-image"`` (files), ``"no-face"`` (images, detect mode),
+        ``"too-few-images"`` and ``"missing-identity"`` (identities).
+
+    Raises
+    ------
+    DataError
+        When ``root`` is missing or not a directory, or no usable image is left.
+    """
+    root = _check_root(root)
+    if not isinstance(image_size, int) or image_size < 8:
+        raise ValueError(f"image_size must be an integer of at least 8 pixels, got {image_size!r}.")
+    if not isinstance(min_images, int) or min_images < 1:
+        raise ValueError(f"min_images must be a positive integer, got {min_images!r}.")
+    mode = resolve_mode(mode, root)
+
+    skipped: Counter[str] = Counter()
+    available = list_identities(root)
+    if identities is None:
+        names = available
+    else:
+        wanted = sorted(set(identities))
+        present = set(available)
+        names = [n for n in wanted if n in present]
+        skipped["missing-identity"] = len(wanted) - len(names)
+
+    settings = _cache_settings(mode, image_size)
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache_folder = cache_root / hashlib.sha1(str(root.resolve()).encode("utf-8")).hexdigest()[:16]
+    cache_folder = cache_folder / f"{mode}-{image_size}"
+
+    loaded: dict[str, _Faces] = {}
+    todo: list[tuple[str, _Scan]] = []
+    corrupt = 0
+    for name in names:
+        scan = _scan_identity(root / name)
+        skipped["not-an-image"] += scan.non_images
+        faces, was_corrupt = _read_cache(cache_folder / f"{name}.pt", scan.fingerprint, settings, image_size)
+        corrupt += was_corrupt
+        if faces is None:
+            todo.append((name, scan))
+        else:
+            loaded[name] = faces
+
+    if todo:
+        aligner_box: list[FaceAligner] = []
+
+        def aligner() -> FaceAligner:  # created on first use: MTCNN takes a moment to build
+            if not aligner_box:
+                aligner_box.append(FaceAligner(image_size))
+            return aligner_box[0]
+
+        cache_ok = True
+        total = sum(len(scan.images) for _, scan in todo)
+        bar = _progress_bar(total, f"Preparing faces ({mode}, {image_size}px)") if progress else None
+        with bar if bar is not None else contextlib.nullcontext():
+            for name, scan in todo:
+                faces = _compute_identity(root, name, scan.images, mode, image_size, aligner)
+                loaded[name] = faces
+                if cache_ok:
+                    try:
+                        _write_cache(cache_folder / f"{name}.pt", faces, scan.fingerprint, settings)
+                    except OSError as exc:
+                        cache_ok = False
+                        logger.warning(
+                            "Cannot write the face cache in %s: %s (set FACEFL_CACHE to a writable folder); "
+                            "continuing without a cache.",
+                            cache_folder,
+                            exc,
+                        )
+                if bar is not None:
+                    bar.advance(bar.tasks[0].id, len(scan.images))
+    if corrupt:
+        logger.warning("Recomputed %d corrupt face-cache files in %s.", corrupt, cache_folder)
+
+    kept_names: list[str] = []
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    paths: list[str] = []
+    for name in names:
+        faces = loaded[name]
+        skipped.update(faces.skipped)
+        if len(faces.paths) < min_images:
+            skipped["too-few-images"] += 1
+            continue
+        labels.append(np.full(len(faces.paths), len(kept_names), dtype=np.int64))
+        kept_names.append(name)
+        images.append(faces.images.numpy())
+        paths.extend(faces.paths)
+
+    skipped_counts = {k: v for k, v in skipped.items() if v}
+    if not paths:
+        detail = f"; skipped: {_summary(skipped_counts, min_images)}" if skipped_counts else ""
+        raise DataError(
+            f"No usable face images in {root} ({len(names)} identity folders{detail}). Each identity folder "
+            f"needs at least {min_images} readable .jpg/.jpeg/.png/.pgm images ({_DATA_HINT})."
+        )
+    if skipped_counts:
+        logger.warning(
+            "Loaded %d images of %d identities from %s; skipped %s.",
+            len(paths),
+            len(kept_names),
+            root,
+            _summary(skipped_counts, min_images),
+        )
+    return FaceSet(
+        # numpy, not torch.cat: thousands of small tensors concatenate ~50x faster this way on a busy CPU
+        images=torch.from_numpy(np.concatenate(images)),
+        labels=torch.from_numpy(np.concatenate(labels)),
+        identities=tuple(kept_names),
+        paths=tuple(paths),
+        skipped=skipped_counts,
+    )
+
+
+def load_lfw_pairs(
+    root: str | os.PathLike,
+    pairs_file: str | os.PathLike = "pairsDevTest.txt",
+    *,
+    image_size: int = 64,
+    mode: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    max_pairs: int = 0,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Load the face crops of an LFW pairs file, through the same cache as :func:`load_faces`.
+
+    Parameters
+    ----------
+    root : path
+        The LFW root.
+    pairs_file : path, default "pairsDevTest.txt"
+        Relative to ``root`` unless absolute.
+    image_size, mode, cache_dir, progress
+        As in :func:`load_faces`.
+    max_pairs : int, default 0
+        0 keeps every pair; otherwise a deterministic balanced subset: the first ``ceil(max_pairs / 2)``
+        matched and the first ``max_pairs // 2`` mismatched pairs, in file order.
+
+    Returns
+    -------
+    images_a, images_b : torch.Tensor
+        uint8 ``[P, 3, S, S]``.
+    same : torch.Tensor
+        bool ``[P]``, True for matched pairs.
+        Pairs whose images are missing or unreadable are dropped with a WARNING.
+
+    Raises
+    ------
+    DataError
+        When the root or pairs file is missing or malformed, or no pair is usable.
+    """
+    root = _check_root(root)
+    if not isinstance(max_pairs, int) or max_pairs < 0:
+        raise ValueError(f"max_pairs must be a non-negative integer (0 = all), got {max_pairs!r}.")
+    pairs_path = Path(pairs_file) if Path(pairs_file).is_absolute() else root / pairs_file
+    pairs = read_pairs_file(pairs_path)
+    if max_pairs:
+        matched = [p for p in pairs if p.same][: max_pairs - max_pairs // 2]
+        mismatched = [p for p in pairs if not p.same][: max_pairs // 2]
+        chosen = {id(p) for p in matched + mismatched}
+        pairs = [p for p in pairs if id(p) in chosen]
+    names = sorted({p.name_a for p in pairs} | {p.name_b for p in pairs})
+    faces = load_faces(
+        root,
+        image_size=image_size,
+        mode=mode,
+        identities=names,
+        min_images=1,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    index = {path: i for i, path in enumerate(faces.paths)}
+    usable = [p for p in pairs if p.relpath_a in index and p.relpath_b in index]
+    if not usable:
+        raise DataError(f"No pair of {pairs_path} has both images readable under {root} (pass --data the LFW root).")
+    if len(usable) < len(pairs):
+        logger.warning(
+            "Dropped %d of %d pairs of %s whose images are missing or unreadable.",
+            len(pairs) - len(usable),
+            len(pairs),
+            pairs_path,
+        )
+    idx_a = torch.tensor([index[p.relpath_a] for p in usable], dtype=torch.long)
+    idx_b = torch.tensor([index[p.relpath_b] for p in usable], dtype=torch.long)
+    same = torch.tensor([p.same for p in usable], dtype=torch.bool)
+    return faces.images[idx_a], faces.images[idx_b], same

@@ -1,0 +1,86 @@
+"""The federated models of a run, and their exchange format (one flat state dict with task prefixes).
+
+Only the backbone of the embedding model and the VAE are federated. The margin head (one prototype per identity
+of a site) and the VAE-GAN discriminator (it sees a site's raw faces) stay at the site.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.config import RunConfig
+from common.models.embedding import build_embedding_model
+from common.models.vae import ConvVAE, VAEConfig
+
+EMBEDDING_PREFIX = "embedding."
+VAE_PREFIX = "vae."
+
+
+@dataclass
+class FederatedModels:
+    embedding: nn.Module | None
+    vae: nn.Module | None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat CPU state dict with ``embedding.`` / ``vae.`` prefixes: what a site sends and the server averages."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in ((EMBEDDING_PREFIX, self.embedding), (VAE_PREFIX, self.vae)):
+            if module is not None:
+                out.update({prefix + k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a flat state dict, checking that it has exactly the expected keys, shapes and dtypes, and only
+        finite values; anything else is a ``ValueError`` that names the offending entry."""
+        check_state(self.state_dict(), state)
+        for prefix, module in ((EMBEDDING_PREFIX, self.embedding), (VAE_PREFIX, self.vae)):
+            if module is not None:
+                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing or extra:
+        raise ValueError(f"Model update has the wrong entries (missing {missing[:3]}, unexpected {extra[:3]}).")
+    for key, ref in expected.items():
+        value = got[key]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"Model update entry {key} is a {type(value).__name__}, not a tensor.")
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            raise ValueError(f"Model update entry {key} is {value.dtype} {tuple(value.shape)}; expected "
+                             f"{ref.dtype} {tuple(ref.shape)}.")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"Model update entry {key} contains NaN or Inf.")
+
+
+def build_models(cfg: RunConfig, *, seed: int | None = None) -> FederatedModels:
+    """Freshly initialised models for ``cfg`` (same seed, same weights on every machine)."""
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    embedding = vae = None
+    if cfg.trains_embedding:
+        embedding = build_embedding_model(
+            cfg.model,
+            embedding_dim=cfg.embedding_dim,
+            dp=cfg.dp,
+            image_size=cfg.image_size,
+            weights_path=cfg.weights_path or None,
+            weights_sha256=cfg.weights_sha256 or None,
+        )
+    if cfg.trains_vae:
+        vae = ConvVAE(VAEConfig(image_size=cfg.image_size, latent_dim=cfg.latent_dim, beta=cfg.vae_beta,
+                                recon=cfg.vae_recon))
+    return FederatedModels(embedding, vae)
+
+
+def update_norm(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> float:
+    """L2 norm of ``new - old`` over all floating-point entries."""
+    total = 0.0
+    for key, value in new.items():
+        if value.is_floating_point():
+            total += float((value - old[key]).double().pow(2).sum())
+    return math.sqrt(total)
