@@ -231,7 +231,6 @@ def exclusive(state: Path, what: str):
         os.close(fd)
 
 
-
 def say(message: str) -> None:
     print(f"facefl: {message}", flush=True)
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="facefl: federated, differentially private face models with Flower and Opacus.")
@@ -90,23 +90,13 @@ def simulate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
 ) -> None:
     """Run a federation of N virtual sites on this machine (Flower simulation engine, Ray backend)."""
-    from simulations.scenarios import get_scenario
-    from simulations.simulate import prepare_config
+    from simulations.simulate import config_from_options, prepare_config
     from simulations.simulate import simulate as run_sim
 
     _setup_logging(verbose)
-    values: dict = {}
-    num_sites = 2
-    if scenario:
-        sc = get_scenario(scenario)
-        values.update(sc.config)
-        num_sites = sc.sites
     options = {"data": data, "num-rounds": rounds, "task": task, "strategy": strategy, "dp": dp,
                "target-epsilon": epsilon, "target-delta": delta, "max-grad-norm": clip, "accountant": accountant}
-    values.update({k: v for k, v in options.items() if v is not None})
-    values.update(_parse_sets(set_))
-    num_sites = sites or num_sites
-    cfg = RunConfig.from_mapping(values)
+    cfg, num_sites = config_from_options(options, scenario=scenario, sets=_parse_sets(set_), sites=sites)
     cfg = prepare_config(cfg, num_sites=num_sites, out=out, resume=resume, num_rounds=rounds)
     what = f"data {cfg.data}" if cfg.data else "synthetic smoke-test faces (use --data for real faces)"
     privacy = (f"DP-SGD, each site epsilon <= {cfg.target_epsilon:g}" if cfg.dp else "no DP (baseline)")

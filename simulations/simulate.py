@@ -17,6 +17,23 @@ from common.data.sources import site_identities
 from server.rundir import default_run_dir, load_run_config
 
 
+def config_from_options(options: dict, *, scenario: str | None = None, sets: dict | None = None,
+                        sites: int | None = None) -> tuple[RunConfig, int]:
+    """The run config and number of sites of ``facefl simulate``: a named scenario's values, then the command's
+    options (None = not given), then ``--set KEY=VALUE`` pairs, each overriding the one before."""
+    from simulations.scenarios import get_scenario
+
+    values: dict = {}
+    num_sites = 2
+    if scenario:
+        chosen = get_scenario(scenario)
+        values.update(chosen.config)
+        num_sites = chosen.sites
+    values.update({key: value for key, value in options.items() if value is not None})
+    values.update(sets or {})
+    return RunConfig.from_mapping(values), sites or num_sites
+
+
 def prepare_config(cfg: RunConfig, *, num_sites: int, out: str | None = None, resume: str | None = None,
                    num_rounds: int | None = None) -> RunConfig:
     """Resolve paths for a simulated run: a new run directory, or the one being resumed."""

@@ -152,7 +152,7 @@ def test_report_in_headless_chromium(federated_run, tmp_path):
         assert all(ok and w > 0 and h > 0 for ok, w, h, _ in images), [i for i in images if not i[1]]
         charts = driver.execute_script(
             "return Array.from(document.querySelectorAll('svg.chart')).map(s => {const r = s.getBoundingClientRect();"
-            " return [r.width, r.height, s.querySelectorAll('polyline.series, .hist').length,"
+            " return [r.width, r.height, s.querySelectorAll('g.series, g.hist').length,"
             " s.getAttribute('aria-label')]})")
         assert len(charts) >= 8
         assert all(w > 0 and h > 0 and n > 0 for w, h, n, _ in charts), charts
@@ -228,7 +228,7 @@ def test_several_runs_side_by_side(federated_run, tmp_path):
     done = facefl("report", str(federated_run), str(other), "--out", str(out), "--no-images")
     assert done.returncode == 0, done.stderr
     page = _page(out)
-    series = [a.get("data-series", "") for t, a in page.tags if t == "polyline" and "series" in a.get("class", "")]
+    series = [a.get("data-series", "") for t, a in page.tags if t == "g" and a.get("class") == "series"]
     assert any(s.startswith(f"{federated_run.name}:") for s in series), series[:5]
     assert any(s.startswith("run-b:") for s in series)
     doc = json.loads((tmp_path / "compare.summary.json").read_text())
@@ -236,3 +236,34 @@ def test_several_runs_side_by_side(federated_run, tmp_path):
     a, b = (r["final"]["embedding/roc_auc"] for r in doc["runs"])
     assert b == pytest.approx(a * 0.5)
     assert "Runs compared" in " ".join(page.text)
+
+
+@pytest.mark.slow
+def test_user_text_is_escaped(federated_run):
+    """Run names, site names and notes come from users: markup in them is shown as text, in tables, headings and
+    chart labels alike, and never becomes an element."""
+    from server.report.reader import read_run
+    from server.report.render import render_report
+    from server.report.sections import RunSection
+
+    run, site, note = 'run <b>x</b> "q"', 'site "<b>x</b>"', '<b>note</b> & "quoted"'
+    renamed = read_run(federated_run)
+    renamed.name = run
+    renamed.privacy[site] = renamed.privacy.pop("site-1")
+    for r in renamed.rounds:
+        if "site-1" in r.get("sites", {}):
+            r["sites"][site] = r["sites"].pop("site-1")
+    plain = read_run(federated_run)
+    html = render_report([RunSection(plain), RunSection(renamed)], generated="now", report_versions={}, gate=None,
+                         anonymization=None, image_note=note, gif_names={})
+    assert "<b>" not in html and 'x</b>"' not in html
+    page = _Page()
+    page.feed(html)
+    assert not [t for t, _ in page.tags if t == "b"]
+    text = " ".join(page.text)
+    assert run in text and site in text and note in text
+    assert f"facefl report: {plain.name}, {run}" in text  # title and heading
+    tables = re.findall(r'<table class="epsilon-table">.*?</table>', html, re.S)
+    assert [t.split("<tbody>", 1)[1].count("<tr>") for t in tables] == [2, 2]  # one row per site, per run
+    series = [a.get("data-series") for t, a in page.tags if t == "g" and a.get("class") == "series"]
+    assert f"{run}: {site}" in series and f"{plain.name}: site-1" in series

@@ -2,9 +2,12 @@
 
 The report reads each run directory (:mod:`server.report.reader`, which copes with interrupted and damaged runs),
 evaluates the latest checkpoint on the server's held-out data (:mod:`server.report.evaluate`), passes every face
-image through the anonymization egress gate (:class:`common.anonymization.egress.EgressGate`; a refused image is shown as a
-grey "withheld" tile and counted), and renders the page (:mod:`server.report.render`). Nothing in the page refers
-to anything outside it: plots are inline SVG, images are data URIs.
+image through the anonymization egress gate (:class:`common.anonymization.egress.EgressGate`; a refused image is
+shown as a grey "withheld" tile and counted), collects the results in the dataclasses of
+:mod:`server.report.sections`, and renders the page with :func:`server.report.render.render_report` (a Jinja2
+template; charts drawn with matplotlib by :mod:`server.report.charts`). Nothing in the page refers to anything
+outside it: charts are inline SVG, images are data URIs. Beside the page it writes ``summary.json`` and, for a VAE,
+the morph as an animated GIF.
 """
 
 from __future__ import annotations

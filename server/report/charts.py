@@ -9,10 +9,10 @@ only inside :func:`matplotlib.rc_context`. Output is deterministic: no date in t
 is a hash of the chart's title and data. Every id in a chart is prefixed with that hash, so charts on one page never
 share an id.
 
-Every drawn series is a ``<g class="series" data-series=LABEL>`` with a ``<title>`` (histogram groups: ``class="hist"``),
-so tests and readers can find each series. Colours follow the Okabe–Ito colour-blind-safe palette; dashed series
-are alternate runs. NaN, inf and None break a line; on a log axis non-positive values are dropped; a chart without
-any finite value says "no data".
+Every drawn series is a ``<g class="series" data-series=LABEL>`` with a ``<title>`` (a histogram's groups have
+``class="hist"``), so tests and readers can find each series. Colours follow the Okabe–Ito colour-blind-safe
+palette; dashed series are alternate runs. NaN, inf and None break a line; on a log axis non-positive values are
+dropped; a chart without any finite value says "no data".
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from xml.dom import minidom
 
 import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
@@ -107,19 +108,19 @@ def _style(i: int, dashed: bool) -> tuple[str, object]:
     return PALETTE[i % len(PALETTE)], _DASHED if dashed else (_DOTTED if i >= len(PALETTE) else "solid")
 
 
-def _figure(width: int, height: int) -> tuple[Figure, object]:
+def _figure(width: int, height: int) -> tuple[Figure, Axes]:
     # At 72 dpi one SVG user unit is one point, and the root's size is rewritten in pixels by _finish.
     fig = Figure(figsize=(width / 72, height / 72), dpi=72, layout="constrained")
     return fig, fig.add_subplot()
 
 
-def _labels(ax, title: str, x_label: str, y_label: str) -> None:
+def _labels(ax: Axes, title: str, x_label: str, y_label: str) -> None:
     ax.set_title(title)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
 
 
-def _no_data(ax) -> None:
+def _no_data(ax: Axes) -> None:
     ax.grid(False)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -127,13 +128,15 @@ def _no_data(ax) -> None:
             gid="no-data-0")
 
 
-def _legend(fig: Figure, labels: Sequence[str]) -> None:
+def _legend(fig: Figure, handles: list, labels: Sequence[str]) -> None:
+    """Beside the plot, or below it when a label is long. Handles are given, so that every label is shown (even
+    one starting with "_", which matplotlib would otherwise hide)."""
     if not labels:
         return
     if max(len(s) for s in labels) > _LONG_LABEL:
-        fig.legend(loc="outside lower center", ncols=2, frameon=False)
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, frameon=False)
     else:
-        fig.legend(loc="outside right upper", frameon=False)
+        fig.legend(handles, labels, loc="outside right upper", frameon=False)
 
 
 def _log_formatter(axis) -> None:
@@ -189,14 +192,15 @@ def _finish(svg: str, key: str, title: str, labels: dict[str, str]) -> str:
     return root.toxml()
 
 
-def _reference_labels(ax, hlines: Sequence[tuple[str, float]], vlines: Sequence[tuple[str, float]]) -> None:
+def _reference_labels(ax: Axes, hlines: Sequence[tuple[str, float]], vlines: Sequence[tuple[str, float]]) -> None:
     """Dashed grey reference lines, each labelled: horizontal at the right end, vertical near the top."""
     style = {"color": REFERENCE, "linewidth": 1.0, "linestyle": (0, (4, 3))}
     n = 0
-    for label, v in hlines:
+    for i, (label, v) in enumerate(hlines):  # labels alternately above and below their lines, so equal ones differ
         ax.axhline(v, gid=f"reference-{n}", **style)
-        ax.annotate(label, (1.0, v), xycoords=ax.get_yaxis_transform(), xytext=(-4, 3), textcoords="offset points",
-                    ha="right", va="bottom", fontsize=8, color="#333333")
+        ax.annotate(label, (1.0, v), xycoords=ax.get_yaxis_transform(), xytext=(-4, 3 if i % 2 == 0 else -3),
+                    textcoords="offset points", ha="right", va="bottom" if i % 2 == 0 else "top", fontsize=8,
+                    color="#333333")
         n += 1
     for i, (label, v) in enumerate(vlines):
         ax.axvline(v, gid=f"reference-{n}", **style)
@@ -243,11 +247,12 @@ def line_chart(series: Sequence[Series], *, title: str, x_label: str, y_label: s
     with matplotlib.rc_context({**_RC, "svg.hashsalt": key}):
         fig, ax = _figure(width, height)
         _labels(ax, title, x_label, y_label)
+        handles = []
         for i, (s, x, y) in enumerate(prepared):
             colour, linestyle = _style(i, s.dashed)
             every = _marker_indices(x, y, s.markers)
-            ax.plot(x, y, color=colour, linestyle=linestyle, linewidth=1.8, label=s.label, gid=f"series-{i}",
-                    marker="o" if every is None or every else None, markersize=4, markevery=every or None)
+            handles += ax.plot(x, y, color=colour, linestyle=linestyle, linewidth=1.8, gid=f"series-{i}",
+                               marker="o" if every is None or every else None, markersize=4, markevery=every or None)
         if not has_data:
             _no_data(ax)
         else:
@@ -271,7 +276,7 @@ def line_chart(series: Sequence[Series], *, title: str, x_label: str, y_label: s
                     t = np.geomspace(lo, hi, 65) if x_log or y_log else np.array([lo, hi])
                     ax.plot(t, t, color="#999999", linewidth=1.0, linestyle=(0, (4, 4)), scalex=False, scaley=False,
                             gid=f"reference-{len(refs)}")
-        _legend(fig, [s.label for s in series])
+        _legend(fig, handles, [s.label for s in series])
         svg = _svg(fig)
     return _finish(svg, key, title, {f"series-{i}": s.label for i, s in enumerate(series)})
 
@@ -293,6 +298,7 @@ def histogram(groups: Sequence[tuple[str, Sequence[float]]], *, title: str, x_la
     with matplotlib.rc_context({**_RC, "svg.hashsalt": key}):
         fig, ax = _figure(width, height)
         _labels(ax, title, x_label, y_label)
+        handles = []
         if every.size == 0:
             _no_data(ax)
         else:
@@ -307,12 +313,12 @@ def histogram(groups: Sequence[tuple[str, Sequence[float]]], *, title: str, x_la
                 counts = np.histogram(v, bins=edges)[0]
                 fractions = counts / counts.sum() if counts.sum() else np.zeros(bins)
                 colour = PALETTE[i % len(PALETTE)]
-                ax.stairs(fractions, edges, fill=True, facecolor=to_rgba(colour, 0.25),
-                          edgecolor=colour, linewidth=1.5, label=label, gid=f"hist-{i}")
+                handles.append(ax.stairs(fractions, edges, fill=True, facecolor=to_rgba(colour, 0.25),
+                                         edgecolor=colour, linewidth=1.5, gid=f"hist-{i}"))
             _reference_labels(ax, (), refs)
             if x_range is not None:
                 ax.set_xlim(lo, hi)
             ax.set_ylim(bottom=0.0)
-        _legend(fig, [label for label, _ in data])
+        _legend(fig, handles, [label for label, _ in data] if handles else [])
         svg = _svg(fig)
     return _finish(svg, key, title, {f"hist-{i}": label for i, (label, _) in enumerate(data)})

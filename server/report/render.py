@@ -67,13 +67,14 @@ def _dp_text(section: RunSection) -> str:
     d, cfg = section.data, section.data.cfg
     if not cfg.dp:
         return "off"
-    sig = sorted({round(p.get("noise_multiplier", 0.0), 3) for p in d.privacy.values()})
-    q = sorted({round(p.get("sample_rate", 0.0), 4) for p in d.privacy.values() if p.get("sample_rate")})
-    delta = sorted({p.get("delta", 0.0) for p in d.privacy.values()})
-    return (f"DP-SGD (Opacus), noise multiplier σ={', '.join(f'{x:g}' for x in sig) or '–'}, clip C={cfg.max_grad_norm:g}, "
-            f"sampling rate q={', '.join(f'{x:g}' for x in q) or 'not recorded'} (Poisson), accountant {cfg.accountant.upper()}, "
-            f"δ={', '.join(f'{x:.2e}' for x in delta) or ('1/(10 N)' if not cfg.target_delta else f'{cfg.target_delta:g}')}, "
-            f"budget ε={cfg.target_epsilon:g} per site")
+    sig = ", ".join(f"{x:g}" for x in sorted({round(p.get("noise_multiplier", 0.0), 3) for p in d.privacy.values()}))
+    q = ", ".join(f"{x:g}" for x in sorted({round(p.get("sample_rate", 0.0), 4) for p in d.privacy.values()
+                                            if p.get("sample_rate")}))
+    delta = ", ".join(f"{x:.2e}" for x in sorted({p.get("delta", 0.0) for p in d.privacy.values()}))
+    delta = delta or ("1/(10 N)" if not cfg.target_delta else f"{cfg.target_delta:g}")
+    return (f"DP-SGD (Opacus), noise multiplier σ={sig or '–'}, clip C={cfg.max_grad_norm:g}, "
+            f"sampling rate q={q or 'not recorded'} (Poisson), accountant {cfg.accountant.upper()}, "
+            f"δ={delta}, budget ε={cfg.target_epsilon:g} per site")
 
 
 def _strategy_text(cfg) -> str:
@@ -101,7 +102,8 @@ def _overview_column(section: RunSection) -> list[tuple[str, str]]:
         ("Split across sites", split),
         ("Sites", f"{len(d.sites)}: {', '.join(d.sites) or '–'}"),
         ("Rounds", f"{d.completed_rounds} completed of {cfg.num_rounds} planned"),
-        ("Strategy", f"{_strategy_text(cfg)}, fraction of sites per round {cfg.fraction_train:g}, at least {cfg.min_sites}"),
+        ("Strategy", f"{_strategy_text(cfg)}, fraction of sites per round {cfg.fraction_train:g}, "
+                     f"at least {cfg.min_sites}"),
         ("Task(s)", {"both": "face embedding + VAE", "embedding": "face embedding", "vae": "VAE"}[cfg.task]
          + f"; {cfg.model} embedding ({cfg.embedding_dim}-d, {cfg.loss})" * cfg.trains_embedding
          + f"; VAE latent {cfg.latent_dim}, β={cfg.vae_beta:g}" * cfg.trains_vae
@@ -134,8 +136,8 @@ def comparison(sections: list[RunSection]) -> list[list] | None:
         d, f = s.data, s.data.final_global()
         eps = max([p.get("epsilon", 0.0) for p in d.privacy.values()] or [0.0]) if d.cfg.dp else None
         rows.append([d.name, d.cfg.task, d.cfg.strategy, "on" if d.cfg.dp else "off", eps,
-                     f"{d.completed_rounds}/{d.cfg.num_rounds}", f.get("embedding/accuracy"), f.get("embedding/roc_auc"),
-                     f.get("embedding/tar@far=1e-2"), f.get("vae/psnr"), f.get("vae/ssim"),
+                     f"{d.completed_rounds}/{d.cfg.num_rounds}", f.get("embedding/accuracy"),
+                     f.get("embedding/roc_auc"), f.get("embedding/tar@far=1e-2"), f.get("vae/psnr"), f.get("vae/ssim"),
                      (d.wall_seconds() or math.nan) / 60])
     return rows
 
@@ -214,7 +216,8 @@ def privacy(sections: list[RunSection]) -> dict:
     for s in sections:
         d = s.data
         rows = [[site, p.get("epsilon"), p.get("target_epsilon", d.cfg.target_epsilon), p.get("delta"),
-                 p.get("noise_multiplier"), p.get("sample_rate"), p.get("rounds_trained", 0), p.get("rounds_declined", 0)]
+                 p.get("noise_multiplier"), p.get("sample_rate"), p.get("rounds_trained", 0),
+                 p.get("rounds_declined", 0)]
                 for site, p in ((site, d.privacy.get(site, {})) for site in d.sites)]
         runs.append({"name": d.name if many else "", "dp": d.cfg.dp, "rows": rows})
     return {"chart": chart, "runs": runs}
