@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "client", "server", "simulations")
 PLUMBING = {"common.config", "common.atomic", "common.audit", "common.weights", "common.metrics", "common.secagg",
-            "common.deployment", "common.processes"}
+            "common.deployment", "common.processes", "common.dlib_weights"}
 
 # (importing package prefix, forbidden imported prefixes)
 RULES = [

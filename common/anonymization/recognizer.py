@@ -12,7 +12,6 @@ downloaded.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -20,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.dlib_weights import DESCRIPTOR_MODEL_FILE, dlib_models_dir
+
 INSTALL_HINT = "pip install dlib-bin==20.0.1.post1 face-recognition-models==0.3.0"
 SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
-DESCRIPTOR_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 # A box narrower or shorter than this (pixels) cannot hold a face the shape predictor can place points in.
 MIN_BOX_SIDE = 4.0
 
@@ -39,13 +39,12 @@ def default_model_dir() -> Path:
     RecognizerUnavailable
         When the package is not installed.
     """
-    spec = importlib.util.find_spec("face_recognition_models")
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
+    try:
+        return dlib_models_dir()
+    except FileNotFoundError:
         raise RecognizerUnavailable(
             f"The face-recognition-models package (dlib's model files) is not installed; {INSTALL_HINT}."
-        )
-    return Path(locations[0]) / "models"
+        ) from None
 
 
 class DlibRecognizer:
