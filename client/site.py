@@ -29,6 +29,7 @@ log = logging.getLogger("facefl.site")
 HEAD_FILE = "margin_head.pt"
 AUDIT_FILE = "audit.jsonl"
 DISCRIMINATOR_FILE = "discriminator.pt"
+FEATURES_DIR = "features"  # a frozen pretrained trunk's outputs for this site's faces (client.train)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
             head.load_state_dict(state.head)
         res = train_embedding(models.embedding, head, train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                               lr=cfg.lr, loss=cfg.loss, margin=cfg.margin, scale=cfg.scale, augment=cfg.augment,
-                              dp=dp, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed)
+                              dp=dp, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed,
+                              feature_cache=site.state_dir / FEATURES_DIR)
         mechanisms += res.mechanisms
         state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         metrics["embedding-train-loss"] = res.metrics["train-loss"]

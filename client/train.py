@@ -7,16 +7,20 @@ Each function trains in place, returns its metrics and the DP mechanisms it ran 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.atomic import atomic_torch_save
 from common.data.augment import augment_faces
 from common.data.faceset import FaceSet
 from common.models.losses import MarginHead, margin_softmax_loss, triplet_semihard_loss
@@ -81,9 +85,58 @@ class EmbeddingClassifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-def _loader(faces: FaceSet, batch_size: int, generator: torch.Generator) -> DataLoader:
-    data = TensorDataset(faces.images, faces.labels)
+def _loader(faces: FaceSet, batch_size: int, generator: torch.Generator, *, by_index: bool = False) -> DataLoader:
+    """Batches of (images, labels), or of (indices, labels) with ``by_index`` (inputs looked up elsewhere)."""
+    inputs = torch.arange(len(faces)) if by_index else faces.images
+    data = TensorDataset(inputs, faces.labels)
     return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+
+
+def split_frozen(backbone: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(frozen trunk, trainable head) of a partly frozen pretrained backbone, else None (see
+    ``common.models.dlib_resnet.DlibResNet.split_frozen``)."""
+    split = getattr(backbone, "split_frozen", None)
+    return split() if callable(split) else None
+
+
+@torch.no_grad()
+def trunk_features(trunk: nn.Module, images: torch.Tensor, *, flip: bool = False,
+                   batch_size: int = 128) -> torch.Tensor:
+    """The frozen trunk's output for uint8 faces ``[N, 3, S, S]`` (their mirror images with ``flip``)."""
+    trunk.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        out.append(trunk(normalize((x.flip(-1) if flip else x).float().div(255.0))))
+    return torch.cat(out)
+
+
+def trunk_fingerprint(trunk: nn.Module) -> str:
+    """SHA-256 of a trunk's weights and where it ends: equal fingerprints compute equal features."""
+    digest = hashlib.sha256(str(getattr(trunk, "num_blocks", "")).encode())
+    for name, value in sorted(trunk.state_dict().items()):
+        digest.update(name.encode() + value.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_trunk_features(trunk: nn.Module, images: torch.Tensor, cache_dir: Path | None) -> torch.Tensor:
+    """``[N, 2, ...]``: the trunk's output for each face and for its mirror image (the one augmentation a frozen
+    trunk keeps). Kept in ``cache_dir`` (a site's own state folder: features of its faces never leave it) under a
+    key of the faces' pixels and the trunk's weights, so later rounds read instead of recomputing."""
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    digest.update(trunk_fingerprint(trunk).encode())
+    path = Path(cache_dir) / f"trunk-{digest.hexdigest()[:32]}.pt" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(cached, torch.Tensor) and cached.shape[:2] == (len(images), 2):
+                return cached
+        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
+            pass
+    features = torch.stack([trunk_features(trunk, images), trunk_features(trunk, images, flip=True)], dim=1)
+    if path is not None:
+        atomic_torch_save(path, features, durable=False)
+    return features
 
 
 @contextlib.contextmanager
@@ -137,20 +190,33 @@ def train_embedding(
     dp: DPSettings | None = None,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    feature_cache: Path | None = None,
 ) -> LocalResult:
     """Train ``backbone`` (federated) and ``head`` (site-private identity prototypes) on ``faces``.
 
     With ``dp`` set, both are trained with DP-SGD: per-sample gradients (Opacus) clipped to
     ``dp.max_grad_norm``, Gaussian noise, Poisson sampling; ``loss`` must then be per-sample (arcface, cosface).
+    A partly frozen pretrained backbone trains its head on the frozen trunk's features, computed once (and kept in
+    ``feature_cache``) for each face and its mirror image; augmentation is then the mirror image only. The
+    mechanism is the same: each example is a face, its gradient is clipped, and what the trunk computes from it is
+    a fixed function of that face.
     """
     if dp is not None and loss == "triplet":
         raise ValueError("Triplet loss couples the samples of a batch; it cannot be trained with DP-SGD.")
     gen = torch.Generator().manual_seed(seed)
     anchor = {f"backbone.{k}": v.detach().clone() for k, v in backbone.named_parameters()} if proximal_mu else None
-    model: nn.Module = EmbeddingClassifier(backbone, head)
+    split = split_frozen(backbone)
+    if split is not None:
+        features = cached_trunk_features(split[0], faces.images, feature_cache)  # [N, 2, ...]
+        inputs = _feature_inputs(features, augment, gen)
+        model: nn.Module = EmbeddingClassifier(split[1], head)
+    else:
+        inputs = _image_inputs(augment, gen)
+        model = EmbeddingClassifier(backbone, head)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    loader = _loader(faces, batch_size, gen)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
+                                weight_decay=5e-4)
+    loader = _loader(faces, batch_size, gen, by_index=split is not None)
     if dp is not None:
         model, optimizer, loader = _privatize(model, optimizer, loader, dp, gen)
     inner = model._module if dp is not None else model
@@ -164,10 +230,7 @@ def train_embedding(
         if len(labels) == 0:
             _empty_batch_step(optimizer, dp)
             continue
-        x = images.float().div_(255.0)
-        if augment:
-            x = augment_faces(x, gen)
-        x = normalize(x)
+        x = inputs(images)
         optimizer.zero_grad(set_to_none=True)
         if loss == "triplet":
             emb = inner.backbone(x)
@@ -197,6 +260,23 @@ def train_embedding(
         result.mechanisms.append((dp.noise_multiplier, 1.0 / steps_per_epoch(len(faces), batch_size), steps))
         _release_hooks(model)
     return result
+
+
+def _image_inputs(augment: bool, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 faces of a batch -> the network's input (augmented when asked)."""
+    def inputs(images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0)
+        return normalize(augment_faces(x, gen) if augment else x)
+    return inputs
+
+
+def _feature_inputs(features: torch.Tensor, augment: bool,
+                    gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Indices of a batch -> precomputed trunk features, each face or (with ``augment``, half the time) its mirror."""
+    def inputs(index: torch.Tensor) -> torch.Tensor:
+        view = torch.randint(0, 2, (len(index),), generator=gen) if augment else torch.zeros_like(index)
+        return features[index, view]
+    return inputs
 
 
 @torch.no_grad()

@@ -14,7 +14,9 @@ from typing import Any, Mapping
 
 TASKS = ("embedding", "vae", "both")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-MODELS = ("compact", "inception")
+MODELS = ("compact", "inception", "dlib-resnet")
+TRAINABLE = ("auto", "all", "last-stage", "projection")
+DLIB_CHIP_SIZE = 150  # dlib's face ResNet reads 150x150 dlib face chips
 LOSSES = ("arcface", "cosface", "triplet")
 PARTITIONS = ("iid", "dirichlet")
 ACCOUNTANTS = ("prv", "rdp")
@@ -60,7 +62,8 @@ class RunConfig:
     image_size: int = 64  # face crops are resized to this many pixels a side
     lr: float = 0.1  # embedding model (SGD, momentum 0.9)
     vae_lr: float = 2e-4  # VAE (Adam)
-    model: str = "compact"  # compact | inception
+    model: str = "compact"  # compact | inception (from scratch) | dlib-resnet (dlib's pretrained face ResNet)
+    trainable: str = "auto"  # which part trains: auto (dlib-resnet: last-stage, else all) | all | last-stage | projection
     embedding_dim: int = 128  # length of a face embedding
     weights_path: str = ""  # optional local pretrained weights for the embedding model ...
     weights_sha256: str = ""  # ... checked against this hash (nothing is ever downloaded)
@@ -110,6 +113,7 @@ class RunConfig:
         choice("task", TASKS)
         choice("strategy", STRATEGIES)
         choice("model", MODELS)
+        choice("trainable", TRAINABLE)
         choice("loss", LOSSES)
         choice("partition", PARTITIONS)
         choice("accountant", ACCOUNTANTS)
@@ -129,7 +133,12 @@ class RunConfig:
             raise ConfigError(f"val-fraction must be in [0, 0.5); got {self.val_fraction!r}.")
         if not 0.0 < self.heldout_fraction < 0.5:
             raise ConfigError(f"heldout-fraction must be in (0, 0.5); got {self.heldout_fraction!r}.")
-        if not 48 <= self.image_size <= 160 or self.image_size % 16:
+        if self.model == "dlib-resnet":
+            self._check_dlib_resnet()
+        elif self.trainable not in ("auto", "all"):
+            raise ConfigError(f"trainable={self.trainable} applies to model=dlib-resnet (a pretrained backbone); "
+                              f"model={self.model} trains from scratch, so all of it trains (trainable=all).")
+        elif not 48 <= self.image_size <= 160 or self.image_size % 16:
             raise ConfigError(f"image-size must be a multiple of 16 between 48 and 160; got {self.image_size!r}.")
         if self.task in ("vae", "both") and self.image_size not in (64, 128):
             raise ConfigError(f"The VAE is built for image-size 64 or 128; got {self.image_size!r}.")
@@ -166,6 +175,19 @@ class RunConfig:
         if bool(self.weights_path) != bool(self.weights_sha256):
             raise ConfigError("weights-path and weights-sha256 go together: give both (the file is checked by hash).")
 
+    def _check_dlib_resnet(self) -> None:
+        """dlib's ResNet reads 150x150 dlib chips: the default image-size (64) becomes 150, any other is refused."""
+        if self.image_size == RunConfig.image_size:
+            object.__setattr__(self, "image_size", DLIB_CHIP_SIZE)
+        if self.image_size != DLIB_CHIP_SIZE:
+            raise ConfigError(f"model=dlib-resnet reads {DLIB_CHIP_SIZE}x{DLIB_CHIP_SIZE} dlib face chips; leave "
+                              f"image-size at its default or set it to {DLIB_CHIP_SIZE} (got {self.image_size}).")
+        if self.task != "embedding":
+            raise ConfigError("model=dlib-resnet is a face-embedding backbone for task=embedding; train the VAE "
+                              f"(task={self.task}) in a run of its own with model=compact.")
+        if self.loss == "triplet":
+            raise ConfigError("model=dlib-resnet is fine-tuned with a margin softmax (loss=arcface or cosface).")
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> RunConfig:
@@ -196,6 +218,19 @@ class RunConfig:
     @property
     def trains_vae(self) -> bool:
         return self.task in ("vae", "both")
+
+    @property
+    def trainable_part(self) -> str:
+        """The part of the embedding model that trains (and travels): ``trainable`` with ``auto`` resolved."""
+        if self.trainable != "auto":
+            return self.trainable
+        return "last-stage" if self.model == "dlib-resnet" else "all"
+
+    @property
+    def face_mode(self) -> str:
+        """How faces are cut from photos (``common.data.datasets.load_faces``): dlib's own chips for dlib's
+        ResNet, else ``auto`` (a centre crop of LFW, MTCNN alignment of other photos)."""
+        return "dlib" if self.model == "dlib-resnet" else "auto"
 
     @property
     def budget_rounds(self) -> int:

@@ -15,6 +15,13 @@ import torch
 _CHUNK = 1 << 20  # 1 MiB
 
 
+def default_cache_dir() -> Path:
+    """facefl's cache (faces, converted weights, trained stylizers): ``$FACEFL_CACHE`` if set, else
+    ``~/.cache/facefl``."""
+    env = os.environ.get("FACEFL_CACHE", "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "facefl"
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Return the lowercase hex SHA-256 of the file at ``path``, read in 1 MiB chunks."""
     digest = hashlib.sha256()

@@ -1,6 +1,7 @@
 """``facefl``: the one command-line entry point.
 
-Subcommands: ``simulate`` (a federation on this machine), ``scenarios`` (list named scenarios), ``data prepare``
+Subcommands: ``simulate`` (a federation on this machine), ``evaluate`` (a run's or a pretrained face model on a
+dataset's test protocol), ``scenarios`` (list named scenarios), ``data prepare``
 (preprocess and cache a face dataset), ``anonymize`` (stylize the faces in photos), ``style list|train|export``
 (stylizers), ``report`` (one HTML page per run, or several runs side by side), ``morph`` (a VAE morph between
 two photos), ``bench train`` (DP cost and LFW View-1) and ``bench anonymize`` (re-identification with dlib).
@@ -189,6 +190,35 @@ def report(
     _write_report(runs, out=out, summary=summary, anonymization=anonymization, images=images, method=method,
                   style=style, stylizer=stylizer, stylizer_sha256=sha256, strength=strength,
                   data=data or _default_lfw())
+
+
+@app.command()
+def evaluate(
+    run: Optional[str] = typer.Argument(None, help="Run directory: its latest checkpoint is evaluated."),
+    model: Optional[str] = typer.Option(None, help="Instead of a run: a model with no training (dlib-resnet: its "
+                                        "pretrained weights; compact: a fresh initialisation)."),
+    data: Optional[str] = typer.Option(None, help="Dataset whose test protocol to use (LFW: View 1 pairsDevTest.txt "
+                                       "and the peopleDevTest.txt people). Default: the run's."),
+    set_: list[str] = typer.Option([], "--set", help="Run-config KEY=VALUE for --model (e.g. cache-dir=...)."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Also write the figures to this JSON file."),
+) -> None:
+    """Verification (10-fold accuracy, ROC AUC, TAR at FAR 1e-2 and 1e-3) and rank-1 identification of a run's
+    face-embedding model, or of a pretrained one, on people no site trained on."""
+    from common.atomic import atomic_write_json
+    from server.evaluate import evaluate_command
+
+    _setup_logging(False)
+    result = evaluate_command(run, model=model, data=data, settings=_parse_sets(set_))
+    m = result["metrics"]
+    table = Table(title=f"{result['evaluated']} on {result['protocol']}")
+    for col in ("accuracy", "ROC AUC", "TAR@FAR 1e-2", "TAR@FAR 1e-3", "rank-1"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{m['accuracy']:.4f} ± {m['accuracy_std']:.4f}", f"{m['roc_auc']:.4f}", f"{m['tar@far=1e-2']:.4f}",
+                  f"{m['tar@far=1e-3']:.4f}", f"{m['rank1']:.4f}")
+    Console().print(table)
+    if json_out:
+        atomic_write_json(Path(json_out), result)
+        console.print(f"written to {json_out}", markup=False, highlight=False)
 
 
 @audit_app.command("verify")

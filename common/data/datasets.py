@@ -1,9 +1,10 @@
 """Identity-folder face datasets (LFW, VGGFace2, CASIA-WebFace layout), LFW protocol files, and a face cache.
 
 A dataset root holds one folder per identity: ``root/<identity>/<image>`` with ``.jpg``, ``.jpeg``,
-``.png`` or ``.pgm`` images. Faces are cropped (``"crop"``, for already aligned sets such as LFW) or
-detected and aligned with MTCNN (``"detect"``, for raw photos), resized to ``image_size`` and cached per
-identity folder, so a later run with the same (dataset, size, mode) only re-reads the cache.
+``.png`` or ``.pgm`` images. Faces are cropped (``"crop"``, for already aligned sets such as LFW), detected and
+aligned with MTCNN (``"detect"``, for raw photos) or cut as dlib's face chips (``"dlib"``, the input of dlib's face
+ResNet), resized to ``image_size`` and cached per identity folder, so a later run with the same (dataset, size,
+mode) only re-reads the cache.
 
 Bad input never crashes a load: unreadable files, non-image files, photos without a face and identities
 with too few images are skipped, counted in ``FaceSet.skipped`` and summarised in one WARNING line on the
@@ -27,13 +28,15 @@ import torch
 from PIL import Image, ImageOps
 
 from common.atomic import atomic_torch_save
+from common.data.dlib_chips import CHIP_PADDING, DlibChipper
 from common.data.faceset import FaceSet
 from common.data.preprocess import LFW_CROP_FRACTION, FaceAligner, center_crop_face
+from common.weights import default_cache_dir
 
 logger = logging.getLogger("facefl.data")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm"})
-MODES = ("auto", "crop", "detect")
+MODES = ("auto", "crop", "detect", "dlib")
 LFW_MARKER_FILES = ("peopleDevTrain.txt", "pairsDevTest.txt")
 CACHE_VERSION = 1
 # Longest side that detect mode decodes huge JPEGs at (the aligner detects at <= 1024 px anyway).
@@ -197,14 +200,9 @@ def lfw_train_identities(root: str | os.PathLike, min_images: int = 2) -> list[s
 # --------------------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    """``$FACEFL_CACHE`` if set, else ``~/.cache/facefl``."""
-    env = os.environ.get("FACEFL_CACHE", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "facefl"
-
-
 def resolve_mode(mode: str, root: str | os.PathLike) -> str:
-    """Return ``"crop"`` or ``"detect"``; ``"auto"`` is ``"crop"`` for an LFW root, ``"detect"`` otherwise."""
+    """Return ``"crop"``, ``"detect"`` or ``"dlib"``; ``"auto"`` is ``"crop"`` for an LFW root, ``"detect"``
+    otherwise (``"dlib"``, dlib's own 150x150 chips, is only ever asked for by name)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
     if mode == "auto":
@@ -272,7 +270,7 @@ def _decode_image(path: Path, mode: str, image_size: int) -> Image.Image:
 
 
 def _compute_identity(
-    root: Path, identity: str, files: list[str], mode: str, image_size: int, aligner: Callable[[], FaceAligner]
+    root: Path, identity: str, files: list[str], mode: str, image_size: int, aligner: Callable[[], Callable]
 ) -> _Faces:
     faces: list[torch.Tensor] = []
     paths: list[str] = []
@@ -291,7 +289,7 @@ def _compute_identity(
         if face is None:
             detector = aligner()  # outside the try: a broken detector install must fail loudly
             try:
-                result = detector.align(img)
+                result = detector(img)
             except (RuntimeError, ValueError, IndexError) as exc:  # MTCNN on a degenerate image
                 logger.debug("Face detection failed on %s: %s", path, exc)
                 skipped["no-face"] += 1
@@ -306,11 +304,26 @@ def _compute_identity(
     return _Faces(images, paths, dict(skipped))
 
 
-def _cache_settings(mode: str, image_size: int) -> dict:
+def _cache_settings(mode: str, image_size: int, root: Path) -> dict:
     settings: dict = {"version": CACHE_VERSION, "mode": mode, "image_size": image_size}
     if mode == "crop":
         settings["crop_fraction"] = LFW_CROP_FRACTION
+    if mode == "dlib":
+        settings.update(_dlib_chipper_options(root), padding=CHIP_PADDING)
     return settings
+
+
+def _dlib_chipper_options(root: Path) -> dict:
+    """LFW images are built around one person: keep the face nearest the centre, and never drop the person."""
+    lfw = is_lfw_root(root)
+    return {"prefer": "centre" if lfw else "largest", "centre_fallback": lfw}
+
+
+def _make_detector(mode: str, image_size: int, root: Path) -> Callable:
+    """``image -> result`` with ``.found`` and ``.face`` (uint8 ``[3, S, S]``) for the detecting modes."""
+    if mode == "dlib":
+        return DlibChipper(image_size, padding=CHIP_PADDING, **_dlib_chipper_options(root)).chip
+    return FaceAligner(image_size).align
 
 
 def _read_cache(path: Path, fingerprint: str, settings: dict, image_size: int) -> tuple[_Faces | None, bool]:
@@ -399,9 +412,11 @@ def load_faces(
         Dataset root with one folder per identity (``root/<identity>/<image>``).
     image_size : int, default 64
         Side ``S`` of the square crops.
-    mode : {"auto", "crop", "detect"}, default "auto"
+    mode : {"auto", "crop", "detect", "dlib"}, default "auto"
         ``"crop"``: centre crop (aligned sets); ``"detect"``: MTCNN + 5-point alignment (raw photos);
-        ``"auto"``: ``"crop"`` for an LFW root, ``"detect"`` otherwise.
+        ``"dlib"``: dlib's detector, 5-point shape predictor and face chip (padding 0.25), the input of dlib's
+        face ResNet (``image_size`` 150; see ``common.data.dlib_chips``); ``"auto"``: ``"crop"`` for an LFW root,
+        ``"detect"`` otherwise.
     identities : iterable of str, optional
         Load only these identity folders. Names without a folder are counted as ``"missing-identity"``.
     min_images : int, default 2
@@ -443,7 +458,7 @@ def load_faces(
         names = [n for n in wanted if n in present]
         skipped["missing-identity"] = len(wanted) - len(names)
 
-    settings = _cache_settings(mode, image_size)
+    settings = _cache_settings(mode, image_size, root)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache_folder = cache_root / hashlib.sha1(str(root.resolve()).encode("utf-8")).hexdigest()[:16]
     cache_folder = cache_folder / f"{mode}-{image_size}"
@@ -462,11 +477,11 @@ def load_faces(
             loaded[name] = faces
 
     if todo:
-        aligner_box: list[FaceAligner] = []
+        aligner_box: list[Callable] = []
 
-        def aligner() -> FaceAligner:  # created on first use: MTCNN takes a moment to build
+        def aligner() -> Callable:  # created on first use: MTCNN (or dlib's predictor) takes a moment to build
             if not aligner_box:
-                aligner_box.append(FaceAligner(image_size))
+                aligner_box.append(_make_detector(mode, image_size, root))
             return aligner_box[0]
 
         cache_ok = True

@@ -13,14 +13,14 @@ In a deployment a site reads its own folder instead (``load_site_folder``).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from common.config import RunConfig
 from common.data.datasets import (IMAGE_EXTENSIONS, DataError, is_lfw_root, lfw_train_identities, list_identities,
-                                  load_faces, load_lfw_pairs, read_people_file)
+                                  load_faces, load_lfw_pairs, read_pairs_file, read_people_file)
 from common.data.faceset import FaceSet
 from common.data.partition import make_pairs, partition_identities, split_heldout_identities, train_val_split
 from common.data.synthetic import make_synthetic_faces
@@ -31,13 +31,15 @@ SYNTHETIC_IMAGES_PER_IDENTITY = 12
 
 @dataclass(frozen=True)
 class EvalData:
-    """Held-out data for the server's global evaluation (uint8 images)."""
+    """Held-out data for the server's global evaluation (uint8 images). ``cache`` keeps what evaluation computes
+    once per run from these images (a frozen pretrained trunk's features; see ``server.evaluate``)."""
 
     pairs_a: torch.Tensor
     pairs_b: torch.Tensor
     same: torch.Tensor
     faces: torch.Tensor
     description: str
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _cache_dir(cfg: RunConfig) -> Path | None:
@@ -114,7 +116,7 @@ def site_faces(cfg: RunConfig, site_index: int, num_sites: int, progress: bool =
     if not cfg.data:
         faces = _synthetic(cfg.image_size, cfg.seed).by_identity(names)
     else:
-        faces = load_faces(cfg.data, image_size=cfg.image_size, identities=names, min_images=2,
+        faces = load_faces(cfg.data, image_size=cfg.image_size, mode=cfg.face_mode, identities=names, min_images=2,
                            cache_dir=_cache_dir(cfg), progress=progress)
     return train_val_split(faces, cfg.val_fraction, cfg.seed)
 
@@ -122,7 +124,8 @@ def site_faces(cfg: RunConfig, site_index: int, num_sites: int, progress: bool =
 def load_site_folder(cfg: RunConfig, path: str, progress: bool = False) -> tuple[FaceSet, FaceSet]:
     """(train, validation) faces of a deployed site that keeps its photos in ``path``."""
     root = _check_root(path)
-    faces = load_faces(root, image_size=cfg.image_size, min_images=2, cache_dir=_cache_dir(cfg), progress=progress)
+    faces = load_faces(root, image_size=cfg.image_size, mode=cfg.face_mode, min_images=2, cache_dir=_cache_dir(cfg),
+                       progress=progress)
     return train_val_split(faces, cfg.val_fraction, cfg.seed)
 
 
@@ -131,7 +134,8 @@ def eval_data(cfg: RunConfig, progress: bool = False) -> EvalData:
     n_pairs = cfg.eval_pairs
     if cfg.data and is_lfw_root(Path(cfg.data)):
         root = Path(cfg.data)
-        a, b, same = load_lfw_pairs(root, "pairsDevTest.txt", image_size=cfg.image_size, cache_dir=_cache_dir(cfg),
+        a, b, same = load_lfw_pairs(root, "pairsDevTest.txt", image_size=cfg.image_size, mode=cfg.face_mode,
+                                    cache_dir=_cache_dir(cfg),
                                     max_pairs=n_pairs)
         people = [name for name, _ in read_people_file(root / "peopleDevTest.txt")]
         faces = _heldout_faces(cfg, people)
@@ -144,7 +148,7 @@ def eval_data(cfg: RunConfig, progress: bool = False) -> EvalData:
     else:
         root = _check_root(cfg.data)
         _, held = split_heldout_identities(list_identities(root), cfg.heldout_fraction, cfg.seed)
-        held_set = load_faces(root, image_size=cfg.image_size, identities=held, min_images=1,
+        held_set = load_faces(root, image_size=cfg.image_size, mode=cfg.face_mode, identities=held, min_images=1,
                               cache_dir=_cache_dir(cfg), progress=progress)
         desc = f"{root.name}: held-out identities ({held_set.num_identities})"
     ia, ib, same = make_pairs(held_set, n_pairs or 1000, cfg.seed)
@@ -156,7 +160,62 @@ def eval_data(cfg: RunConfig, progress: bool = False) -> EvalData:
 def _heldout_faces(cfg: RunConfig, people: list[str]) -> torch.Tensor:
     """The first ``eval-faces`` images of a seeded order of held-out people, one image per person first."""
     chosen = _seeded_take(people, min(len(people), cfg.eval_faces), cfg.seed)
-    faces = load_faces(cfg.data, image_size=cfg.image_size, identities=chosen, min_images=1,
+    faces = load_faces(cfg.data, image_size=cfg.image_size, mode=cfg.face_mode, identities=chosen, min_images=1,
                        cache_dir=_cache_dir(cfg), progress=False)
     first = [int(torch.nonzero(faces.labels == k)[0]) for k in range(faces.num_identities)]
     return faces.images[first][: cfg.eval_faces]
+
+
+@dataclass(frozen=True)
+class ProtocolData:
+    """A dataset's test protocol on people no site trains on (``facefl evaluate``).
+
+    ``faces`` holds every test image once (uint8); ``pair_a``/``pair_b`` index the verification pairs into it
+    (``same`` True for matched pairs); ``gallery``/``probes`` index one image of every test person and a second image
+    of each person who has one, for rank-1 identification (``faces.labels`` says who is who).
+    """
+
+    faces: FaceSet
+    pair_a: torch.Tensor
+    pair_b: torch.Tensor
+    same: torch.Tensor
+    gallery: torch.Tensor
+    probes: torch.Tensor
+    description: str
+
+
+def protocol_data(cfg: RunConfig, progress: bool = True) -> ProtocolData:
+    """LFW: View 1 (``pairsDevTest.txt`` pairs; identification among the ``peopleDevTest.txt`` people). Another
+    identity-folder dataset: the run's held-out people, ``eval-pairs`` (default 1000) seeded pairs. Synthetic
+    faces without ``data``."""
+    root = Path(cfg.data).expanduser() if cfg.data else None
+    if root is not None and is_lfw_root(root):
+        people = [name for name, _ in read_people_file(root / "peopleDevTest.txt")]
+        faces = load_faces(root, image_size=cfg.image_size, mode=cfg.face_mode, identities=people, min_images=1,
+                           cache_dir=_cache_dir(cfg), progress=progress)
+        index = {path: i for i, path in enumerate(faces.paths)}
+        pairs = [p for p in read_pairs_file(root / "pairsDevTest.txt")
+                 if p.relpath_a in index and p.relpath_b in index]
+        if not pairs:
+            raise DataError(f"No pair of {root / 'pairsDevTest.txt'} has both images readable under {root}.")
+        a = torch.tensor([index[p.relpath_a] for p in pairs])
+        b = torch.tensor([index[p.relpath_b] for p in pairs])
+        same = torch.tensor([p.same for p in pairs])
+        what = f"LFW View 1: pairsDevTest.txt ({len(pairs)} pairs)"
+    else:
+        if root is None:
+            full = _synthetic(cfg.image_size, cfg.seed)
+            _, held = split_heldout_identities(full.identities, cfg.heldout_fraction, cfg.seed)
+            faces, what = full.by_identity(held), f"synthetic held-out identities ({len(held)})"
+        else:
+            _, held = split_heldout_identities(list_identities(_check_root(cfg.data)), cfg.heldout_fraction, cfg.seed)
+            faces = load_faces(root, image_size=cfg.image_size, mode=cfg.face_mode, identities=held, min_images=1,
+                               cache_dir=_cache_dir(cfg), progress=progress)
+            what = f"{root.name}: held-out identities ({faces.num_identities})"
+        a, b, same = make_pairs(faces, cfg.eval_pairs or 1000, cfg.seed)
+        what += f", {len(same)} pairs"
+    firsts = [torch.nonzero(faces.labels == k).flatten() for k in range(faces.num_identities)]
+    gallery = torch.stack([idx[0] for idx in firsts])
+    probes = torch.stack([idx[1] for idx in firsts if len(idx) > 1])
+    return ProtocolData(faces, a, b, same, gallery, probes,
+                        f"{what}; rank-1 identification of {len(probes)} probes among {len(gallery)} people")

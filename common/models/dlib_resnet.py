@@ -162,6 +162,8 @@ class DlibResNet(nn.Module):
     normalize : bool, default False
         Return unit-length descriptors. dlib's own descriptors are not normalised (their norms are about 1.3 to 1.6)
         and its 0.6 threshold applies to them as they are: keep False to reproduce dlib.
+    signed_input : bool, default False
+        Take pixels in [-1, 1] (facefl's input convention for embedding networks) instead of 0..255.
 
     Notes
     -----
@@ -170,9 +172,10 @@ class DlibResNet(nn.Module):
     [B, 128]. 5,614,592 parameters. Train and eval mode compute the same thing (no batch statistics, no dropout).
     """
 
-    def __init__(self, *, normalize: bool = False) -> None:
+    def __init__(self, *, normalize: bool = False, signed_input: bool = False) -> None:
         super().__init__()
         self.normalize = normalize
+        self.signed_input = signed_input
         self.register_buffer("pixel_mean", torch.tensor(DLIB_PIXEL_MEAN))  # [3]
         self.register_buffer("pixel_scale", torch.tensor(DLIB_PIXEL_SCALE), persistent=False)
         self.stem = Stem(BLOCKS[0][0])
@@ -185,11 +188,67 @@ class DlibResNet(nn.Module):
         self.projection = nn.Linear(channels_in, 128, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _project(self.projection, self.trunk(x, len(self.blocks)), self.normalize)  # [B, 128]
+
+    def trunk(self, x: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """Input through the stem and the first ``num_blocks`` blocks; pooled to [B, 256] when that is all 14."""
         assert x.ndim == 4 and x.shape[1] == 3, f"DlibResNet expects float RGB [B, 3, H, W], got {tuple(x.shape)}"
+        if self.signed_input:
+            x = (x + 1.0) * 127.5  # [-1, 1] -> 0..255
         x = (x - self.pixel_mean.view(1, 3, 1, 1)) * self.pixel_scale  # [B, 3, 150, 150]
-        x = self.blocks(self.stem(x))  # [B, 256, 2, 2]
-        x = self.projection(x.mean(dim=(2, 3)))  # [B, 128]
-        return F.normalize(x, dim=1) if self.normalize else x
+        x = self.blocks[:num_blocks](self.stem(x))  # [B, C, h, w]
+        return x.mean(dim=(2, 3)) if num_blocks == len(self.blocks) else x  # [B, 256] once every block ran
+
+    def split_frozen(self) -> tuple[nn.Module, nn.Module] | None:
+        """(frozen trunk, trainable head), two modules sharing this model's layers, when the stem and one or more
+        leading blocks have no trainable parameter (see :func:`set_trainable`); None when the stem trains.
+
+        The trunk's output for a face never changes while the head trains, so a site can compute it once and train
+        the head alone: ``head(trunk(x)) == self(x)``."""
+        def frozen(module: nn.Module) -> bool:
+            return not any(p.requires_grad for p in module.parameters())
+
+        if not frozen(self.stem):
+            return None
+        first = 0
+        while first < len(self.blocks) and frozen(self.blocks[first]):
+            first += 1
+        return DlibTrunk(self, first), DlibHead(self, first)
+
+
+class DlibTrunk(nn.Module):
+    """The frozen beginning of a :class:`DlibResNet`: chip -> features (see :meth:`DlibResNet.split_frozen`). Its
+    state_dict holds exactly the frozen layers (the stem and the first ``num_blocks`` blocks)."""
+
+    def __init__(self, net: DlibResNet, num_blocks: int) -> None:
+        super().__init__()
+        self.stem, self.blocks = net.stem, net.blocks[:num_blocks]
+        self.num_blocks = num_blocks
+        self._net = (net,)  # not a submodule: the trunk owns only the frozen layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._net[0].trunk(x, self.num_blocks)
+
+
+class DlibHead(nn.Module):
+    """The trainable end of a :class:`DlibResNet`: the blocks from ``first_block`` on (the same layer objects) and
+    the projection; what Opacus wraps when a site trains on precomputed trunk features."""
+
+    def __init__(self, net: DlibResNet, first_block: int) -> None:
+        super().__init__()
+        self.blocks = net.blocks[first_block:]  # [B, C, h, w] -> [B, 256, 2, 2]
+        self.projection = net.projection
+        self.normalize = net.normalize
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if len(self.blocks):
+            features = self.blocks(features).mean(dim=(2, 3))  # [B, 256]
+        return _project(self.projection, features, self.normalize)  # [B, 128]
+
+
+def _project(projection: nn.Linear, pooled: torch.Tensor, normalize: bool) -> torch.Tensor:
+    x = projection(pooled)  # [B, 256] -> [B, 128]
+    return F.normalize(x, dim=1) if normalize else x
 
 
 def set_trainable(model: DlibResNet, part: str) -> list[str]:
