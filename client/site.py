@@ -23,13 +23,14 @@ from common.data.sources import load_site_folder, site_faces
 from common.models.federated import build_models
 from common.models.losses import MarginHead
 from common.models.vae import Discriminator
+from common.weights import default_cache_dir
 
 log = logging.getLogger("facefl.site")
 
 HEAD_FILE = "margin_head.pt"
 AUDIT_FILE = "audit.jsonl"
 DISCRIMINATOR_FILE = "discriminator.pt"
-FEATURES_DIR = "features"  # a frozen pretrained trunk's outputs for this site's faces (client.train)
+FEATURES_DIR = "features"  # in the face cache: a frozen pretrained trunk's outputs for the faces (client.train)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
         res = train_embedding(models.embedding, head, train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                               lr=cfg.lr, loss=cfg.loss, margin=cfg.margin, scale=cfg.scale, augment=cfg.augment,
                               dp=dp, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed,
-                              feature_cache=site.state_dir / FEATURES_DIR)
+                              feature_cache=Path(cfg.cache_dir or default_cache_dir()) / FEATURES_DIR)
         mechanisms += res.mechanisms
         state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         metrics["embedding-train-loss"] = res.metrics["train-loss"]

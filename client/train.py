@@ -119,24 +119,44 @@ def trunk_fingerprint(trunk: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cached_trunk_features(trunk: nn.Module, images: torch.Tensor, cache_dir: Path | None) -> torch.Tensor:
+def cached_trunk_features(trunk: nn.Module, faces: FaceSet, cache_dir: Path | None) -> torch.Tensor:
     """``[N, 2, ...]``: the trunk's output for each face and for its mirror image (the one augmentation a frozen
-    trunk keeps). Kept in ``cache_dir`` (a site's own state folder: features of its faces never leave it) under a
-    key of the faces' pixels and the trunk's weights, so later rounds read instead of recomputing."""
-    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
-    digest.update(trunk_fingerprint(trunk).encode())
-    path = Path(cache_dir) / f"trunk-{digest.hexdigest()[:32]}.pt" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(cached, torch.Tensor) and cached.shape[:2] == (len(images), 2):
-                return cached
-        except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
-            pass
-    features = torch.stack([trunk_features(trunk, images), trunk_features(trunk, images, flip=True)], dim=1)
-    if path is not None:
-        atomic_torch_save(path, features, durable=False)
-    return features
+    trunk keeps), computed once per face.
+
+    Kept in ``cache_dir/<trunk fingerprint>/`` (the machine's own face cache, beside the face crops themselves: it
+    never leaves the site), one file per identity holding each image's features under the SHA-1 of its pixels, so
+    later rounds, and other runs over the same faces, read them instead of running the trunk again. A file that is
+    damaged or does not cover the faces asked for is recomputed."""
+    features: list[torch.Tensor | None] = [None] * len(faces)
+    hashes = [hashlib.sha1(faces.images[i].contiguous().numpy().tobytes()).hexdigest() for i in range(len(faces))]
+    folder = Path(cache_dir) / f"trunk-{trunk_fingerprint(trunk)[:24]}" if cache_dir is not None else None
+    groups: dict[str, list[int]] = {}
+    for i, path in enumerate(faces.paths):
+        groups.setdefault(path.split("/", 1)[0], []).append(i)
+    for identity, rows in groups.items():
+        file = folder / f"{hashlib.sha1(identity.encode()).hexdigest()[:20]}.pt" if folder is not None else None
+        stored = _read_features(file)
+        missing = [i for i in rows if hashes[i] not in stored]
+        if missing:
+            images = faces.images[missing]
+            computed = torch.stack([trunk_features(trunk, images), trunk_features(trunk, images, flip=True)], dim=1)
+            stored.update({hashes[i]: f for i, f in zip(missing, computed)})
+            if file is not None:
+                atomic_torch_save(file, stored, durable=False)
+        for i in rows:
+            features[i] = stored[hashes[i]]
+    return torch.stack(features) if features else torch.empty(0)  # type: ignore[arg-type]
+
+
+def _read_features(file: Path | None) -> dict[str, torch.Tensor]:
+    if file is None or not file.is_file():
+        return {}
+    try:
+        stored = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
+        return {}
+    ok = isinstance(stored, dict) and all(isinstance(v, torch.Tensor) and v.shape[:1] == (2,) for v in stored.values())
+    return stored if ok else {}
 
 
 @contextlib.contextmanager
@@ -196,10 +216,10 @@ def train_embedding(
 
     With ``dp`` set, both are trained with DP-SGD: per-sample gradients (Opacus) clipped to
     ``dp.max_grad_norm``, Gaussian noise, Poisson sampling; ``loss`` must then be per-sample (arcface, cosface).
-    A partly frozen pretrained backbone trains its head on the frozen trunk's features, computed once (and kept in
-    ``feature_cache``) for each face and its mirror image; augmentation is then the mirror image only. The
-    mechanism is the same: each example is a face, its gradient is clipped, and what the trunk computes from it is
-    a fixed function of that face.
+    A partly frozen pretrained backbone trains its head on the frozen trunk's features, computed once for each face
+    and its mirror image (and kept in ``feature_cache``, see :func:`cached_trunk_features`); augmentation is then
+    the mirror image only. The mechanism is the same: each example is a face, its gradient is clipped, and what
+    the trunk computes from it is a fixed function of that face.
     """
     if dp is not None and loss == "triplet":
         raise ValueError("Triplet loss couples the samples of a batch; it cannot be trained with DP-SGD.")
@@ -207,7 +227,7 @@ def train_embedding(
     anchor = {f"backbone.{k}": v.detach().clone() for k, v in backbone.named_parameters()} if proximal_mu else None
     split = split_frozen(backbone)
     if split is not None:
-        features = cached_trunk_features(split[0], faces.images, feature_cache)  # [N, 2, ...]
+        features = cached_trunk_features(split[0], faces, feature_cache)  # [N, 2, ...]
         inputs = _feature_inputs(features, augment, gen)
         model: nn.Module = EmbeddingClassifier(split[1], head)
     else:

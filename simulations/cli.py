@@ -257,7 +257,8 @@ def scenarios() -> None:
 def data_prepare(
     data: str = typer.Argument(..., help="Identity-folder dataset root."),
     size: int = typer.Option(64, help="Face crop size in pixels."),
-    mode: str = typer.Option("auto", help="auto | crop (aligned sets such as LFW) | detect (MTCNN + alignment)."),
+    mode: str = typer.Option("auto", help="auto | crop (aligned sets such as LFW) | detect (MTCNN + alignment) | "
+                             "dlib (dlib's 150x150 chips, for model=dlib-resnet; --size 150)."),
 ) -> None:
     """Preprocess a dataset once (detect/align or crop, resize) into the cache; later runs reuse it."""
     from common.data.datasets import load_faces

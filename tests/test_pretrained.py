@@ -99,14 +99,19 @@ def test_dp_fine_tuning_on_cached_trunk_features(lfw_root, cache_dir, tmp_path, 
     margin = MarginHead(128, chips.num_identities)
     res = train_embedding(net, margin, chips, epochs=2, batch_size=8, lr=0.05, dp=DPSettings(1.0, 1.0),
                           feature_cache=features_dir)
-    (cached,) = list(features_dir.glob("trunk-*.pt"))
+    cached = sorted(features_dir.glob("trunk-*/*.pt"))
+    assert len(cached) == chips.num_identities  # one file per person
     ((sigma, _, steps),) = res.mechanisms  # one DP-SGD mechanism for the ledger
     assert sigma == 1.0 and steps == res.metrics["steps"] == 2 * -(-len(chips) // 8)
     assert all(torch.equal(frozen_before[k], v) for k, v in trunk.state_dict().items())
     assert not torch.equal(net.projection.weight, trained_before)
-    stamp = cached.stat().st_mtime_ns
-    features = cached_trunk_features(trunk, chips.images, features_dir)  # read back, not recomputed
-    assert cached.stat().st_mtime_ns == stamp and features.shape[:2] == (len(chips), 2)
+    stamps = [f.stat().st_mtime_ns for f in cached]
+    features = cached_trunk_features(trunk, chips, features_dir)  # read back, not recomputed
+    assert [f.stat().st_mtime_ns for f in cached] == stamps and features.shape[:2] == (len(chips), 2)
+    some = chips.by_identity(chips.identities[:2])  # another site's faces of the same people: read, not recomputed
+    same_rows = torch.isin(chips.labels, torch.tensor([0, 1]))
+    assert torch.equal(cached_trunk_features(trunk, some, features_dir), features[same_rows])
+    assert [f.stat().st_mtime_ns for f in cached] == stamps
     with torch.no_grad():
         x = chips.images[:4].float().div(255).mul(2).sub(1)
         assert torch.allclose(head(features[:4, 0]), net(x), atol=1e-5)
@@ -167,7 +172,7 @@ def test_a_dp_federation_fine_tunes_dlibs_backbone(lfw_root, cache_dir, tmp_path
     for site in ("site-0", "site-1"):
         ledger = PrivacyLedger.load(run / "sites" / site)
         assert 0 < ledger.spent <= 50 and [r["status"] for r in ledger.rounds] == ["trained"]
-        assert list((run / "sites" / site / "features").glob("trunk-*.pt"))  # features stay at the site
+    assert list((cache_dir / "features").glob("trunk-*/*.pt"))  # the trunk's features, beside the face crops
 
 
 def test_evaluate_command_writes_its_figures(tmp_path):
