@@ -211,10 +211,12 @@ def train_embedding(
     proximal_mu: float = 0.0,
     seed: int = 0,
     feature_cache: Path | None = None,
+    backbone_lr: float | None = None,
 ) -> LocalResult:
     """Train ``backbone`` (federated) and ``head`` (site-private identity prototypes) on ``faces``.
 
-    With ``dp`` set, both are trained with DP-SGD: per-sample gradients (Opacus) clipped to
+    ``backbone_lr`` (default ``lr``) is the backbone's learning rate: a pretrained backbone is fine-tuned far more
+    gently than its new margin head learns. With ``dp`` set, both are trained with DP-SGD: per-sample gradients (Opacus) clipped to
     ``dp.max_grad_norm``, Gaussian noise, Poisson sampling; ``loss`` must then be per-sample (arcface, cosface).
     A partly frozen pretrained backbone trains its head on the frozen trunk's features, computed once for each face
     and its mirror image (and kept in ``feature_cache``, see :func:`cached_trunk_features`); augmentation is then
@@ -234,8 +236,9 @@ def train_embedding(
         inputs = _image_inputs(augment, gen)
         model = EmbeddingClassifier(backbone, head)
     model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9,
-                                weight_decay=5e-4)
+    groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad],
+               "lr": lr if backbone_lr is None else backbone_lr}, {"params": list(model.head.parameters())}]
+    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=5e-4)
     loader = _loader(faces, batch_size, gen, by_index=split is not None)
     if dp is not None:
         model, optimizer, loader = _privatize(model, optimizer, loader, dp, gen)
