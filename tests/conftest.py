@@ -6,6 +6,8 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -122,10 +124,41 @@ def marked_processes(mark: str = MARK) -> dict[int, str]:
     return found
 
 
-def facefl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the ``facefl`` console script (as a user would), marked so that leftover processes can be found."""
+def facefl(*args: str, timeout: float = 600, progress: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the ``facefl`` console script (as a user would), marked so that leftover processes can be found.
+
+    Without ``progress`` the command gets ``patience(timeout)`` seconds. With ``progress`` (a run directory) it gets
+    as long as it keeps working: it is stopped only after ``patience(timeout)`` seconds in which no file under that
+    folder changed, so a long run on a loaded machine finishes while a hung one still fails."""
     env = {**os.environ, "FACEFL_TEST_MARK": MARK}
-    return subprocess.run(FACEFL + list(args), capture_output=True, text=True, timeout=patience(timeout), env=env)
+    if progress is None:
+        return subprocess.run(FACEFL + list(args), capture_output=True, text=True, timeout=patience(timeout), env=env)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(FACEFL + list(args), stdout=out, stderr=err, text=True, env=env)
+        last_change, newest = time.monotonic(), 0.0
+        while proc.poll() is None:
+            stamp = _newest_change(progress)
+            if stamp > newest:
+                last_change, newest = time.monotonic(), stamp
+            if time.monotonic() - last_change > patience(timeout):
+                proc.kill()
+                proc.wait()
+                raise subprocess.TimeoutExpired(proc.args, patience(timeout), f"no progress in {progress}")
+            time.sleep(2.0)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+
+
+def _newest_change(folder: Path) -> float:
+    """The latest modification time of a file under ``folder`` (0 when there is none yet)."""
+    newest = 0.0
+    for path in folder.rglob("*") if folder.exists() else ():
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except OSError:  # an atomic write's temporary file, renamed away meanwhile
+            continue
+    return newest
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +172,6 @@ def federated_run(tmp_path_factory, lfw_root, cache_dir, trained_stylizer) -> Pa
                   "--epsilon", "50", "--accountant", "rdp", "--out", str(run),
                   "--set", f"cache-dir={cache_dir}", "--set", "max-identities=60", "--set", "eval-pairs=200",
                   "--set", "batch-size=64", "--set", "local-epochs=3", "--set", "eval-faces=32",
-                  "--report-stylizer", str(trained_stylizer[2]))
+                  "--report-stylizer", str(trained_stylizer[2]), progress=run)
     assert done.returncode == 0, done.stdout + done.stderr
     return run

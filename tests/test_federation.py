@@ -56,7 +56,7 @@ def test_two_site_federation_on_lfw_trains_accounts_declines_and_resumes(federat
 
     # Resume for one more round: the budget was planned for 2 rounds, so both sites decline round 3,
     # the run still completes, and the global model is unchanged.
-    more = facefl("simulate", "--resume", str(run), "--rounds", "3", "--no-report")
+    more = facefl("simulate", "--resume", str(run), "--rounds", "3", "--no-report", progress=run)
     assert more.returncode == 0, more.stdout + more.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     third = [r for r in metrics["rounds"] if r["round"] == 3][0]
