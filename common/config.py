@@ -61,6 +61,7 @@ class RunConfig:
     batch_size: int = 32  # expected (logical) batch; DP-SGD samples batches with Poisson sampling
     image_size: int = 64  # face crops are resized to this many pixels a side
     lr: float = 0.1  # embedding model (SGD, momentum 0.9)
+    backbone_lr: float = 0.0  # learning rate of the embedding backbone; 0 = lr (a pretrained one wants far less)
     vae_lr: float = 2e-4  # VAE (Adam)
     model: str = "compact"  # compact | inception (from scratch) | dlib-resnet (dlib's pretrained face ResNet)
     trainable: str = "auto"  # which part trains: auto (dlib-resnet: last-stage, else all) | all | last-stage | projection
@@ -125,7 +126,7 @@ class RunConfig:
                      "secagg_timeout"):
             positive(name)
         for name in ("proximal_mu", "margin", "vae_beta", "max_identities", "eval_pairs", "eval_faces",
-                     "planned_rounds", "target_delta", "max_update_norm"):
+                     "planned_rounds", "target_delta", "max_update_norm", "backbone_lr"):
             positive(name, allow_zero=True)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train!r}.")
@@ -182,6 +183,9 @@ class RunConfig:
         if self.image_size != DLIB_CHIP_SIZE:
             raise ConfigError(f"model=dlib-resnet reads {DLIB_CHIP_SIZE}x{DLIB_CHIP_SIZE} dlib face chips; leave "
                               f"image-size at its default or set it to {DLIB_CHIP_SIZE} (got {self.image_size}).")
+        if self.embedding_dim != 128:
+            raise ConfigError(f"model=dlib-resnet gives dlib's 128-d descriptors; leave embedding-dim at 128 (got "
+                              f"{self.embedding_dim}).")
         if self.task != "embedding":
             raise ConfigError("model=dlib-resnet is a face-embedding backbone for task=embedding; train the VAE "
                               f"(task={self.task}) in a run of its own with model=compact.")
