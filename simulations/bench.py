@@ -33,20 +33,9 @@ from common.models.losses import MarginHead, margin_softmax_loss
 from server.evaluate import evaluate_embedding
 
 
-def dp_cost(faces_images: torch.Tensor, *, batch_size: int = 64, repeats: int = 5, image_size: int = 64) -> dict:
-    """Median images/s of one training step with and without DP-SGD (same model and batch), interleaved."""
-    torch.manual_seed(0)
-    x = normalize(faces_images[:batch_size].float().div(255.0))
-    labels = torch.arange(batch_size) % 16
-
-    def make(dp: bool):
-        model = EmbeddingClassifier(build_embedding_model("compact", embedding_dim=128, dp=True), MarginHead(128, 16))
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        if dp:
-            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=batch_size)
-            model, opt, _ = _privatize(model, opt, loader, DPSettings(1.0, 1.0), torch.Generator().manual_seed(0))
-        return model, opt
-
+def _side_by_side(make, x: torch.Tensor, labels: torch.Tensor, repeats: int) -> dict:
+    """Median images/s of one step of ``make(False)`` (plain) and ``make(True)`` (DP-SGD), same batch, interleaved
+    (the machine is shared and noisy); ``make`` returns ``(model, optimizer)``."""
     def step(model, opt) -> float:
         t = time.perf_counter()
         with quiet_opacus():
@@ -62,50 +51,50 @@ def dp_cost(faces_images: torch.Tensor, *, batch_size: int = 64, repeats: int = 
     for _ in range(repeats):
         t_plain.append(step(*plain))
         t_dp.append(step(*private))
-    plain_ips = batch_size / statistics.median(t_plain)
-    dp_ips = batch_size / statistics.median(t_dp)
-    return {"batch_size": batch_size, "image_size": image_size, "non_dp_images_per_s": plain_ips,
-            "dp_images_per_s": dp_ips, "dp_slowdown": plain_ips / dp_ips}
+    plain_ips, dp_ips = len(x) / statistics.median(t_plain), len(x) / statistics.median(t_dp)
+    return {"batch_size": len(x), "non_dp_images_per_s": plain_ips, "dp_images_per_s": dp_ips,
+            "dp_slowdown": plain_ips / dp_ips}
+
+
+def _private(model, opt, x: torch.Tensor, labels: torch.Tensor):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=len(x))
+    model, opt, _ = _privatize(model, opt, loader, DPSettings(1.0, 1.0), torch.Generator().manual_seed(0))
+    return model, opt
+
+
+def dp_cost(faces_images: torch.Tensor, *, batch_size: int = 64, repeats: int = 5, image_size: int = 64) -> dict:
+    """Median images/s of one training step of the compact model with and without DP-SGD (same batch)."""
+    torch.manual_seed(0)
+    x = normalize(faces_images[:batch_size].float().div(255.0))
+    labels = torch.arange(batch_size) % 16
+
+    def make(dp: bool):
+        model = EmbeddingClassifier(build_embedding_model("compact", embedding_dim=128, dp=True), MarginHead(128, 16))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        return _private(model, opt, x, labels) if dp else (model, opt)
+
+    return {**_side_by_side(make, x, labels, repeats), "image_size": image_size}
 
 
 def dp_cost_finetune(faces_images: torch.Tensor, *, part: str = "projection", batch_size: int = 256,
                      repeats: int = 5) -> dict:
     """Median images/s of one fine-tuning step of dlib's pretrained backbone (``part`` trains, on precomputed trunk
-    features, as a site trains it) with and without DP-SGD, interleaved, same batch."""
+    features, as a site trains it) with and without DP-SGD (same batch)."""
     from client.train import split_frozen, trunk_features
 
     torch.manual_seed(0)
     labels = torch.arange(batch_size) % 64
-    images = faces_images[torch.arange(batch_size) % len(faces_images)]
+    net = build_models(RunConfig(model="dlib-resnet", trainable=part)).embedding
+    trunk, _ = split_frozen(net)
+    x = trunk_features(trunk, faces_images[torch.arange(batch_size) % len(faces_images)])
 
     def make(dp: bool):
-        net = build_models(RunConfig(model="dlib-resnet", trainable=part)).embedding
-        trunk, head = split_frozen(net)
-        model = EmbeddingClassifier(head, MarginHead(128, 64))
+        fresh = build_models(RunConfig(model="dlib-resnet", trainable=part)).embedding
+        model = EmbeddingClassifier(split_frozen(fresh)[1], MarginHead(128, 64))
         opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01)
-        if dp:
-            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=batch_size)
-            model, opt, _ = _privatize(model, opt, loader, DPSettings(1.0, 1.0), torch.Generator().manual_seed(0))
-        return model, opt, trunk_features(trunk, images)
+        return _private(model, opt, x, labels) if dp else (model, opt)
 
-    def step(model, opt, x) -> float:
-        t = time.perf_counter()
-        with quiet_opacus():
-            opt.zero_grad(set_to_none=True)
-            margin_softmax_loss(model(x), labels, kind="arcface", margin=0.3, scale=30.0).backward()
-            opt.step()
-        return time.perf_counter() - t
-
-    plain, private = make(False), make(True)
-    for pair in (plain, private):  # warm-up
-        step(*pair)
-    t_plain, t_dp = [], []
-    for _ in range(repeats):
-        t_plain.append(step(*plain))
-        t_dp.append(step(*private))
-    plain_ips, dp_ips = batch_size / statistics.median(t_plain), batch_size / statistics.median(t_dp)
-    return {"part": part, "batch_size": batch_size, "non_dp_images_per_s": plain_ips, "dp_images_per_s": dp_ips,
-            "dp_slowdown": plain_ips / dp_ips}
+    return {**_side_by_side(make, x, labels, repeats), "part": part}
 
 
 def centralized(cfg: RunConfig, epochs: int, console: Console) -> dict:
