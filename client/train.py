@@ -111,6 +111,11 @@ def trunk_features(trunk: nn.Module, images: torch.Tensor, *, flip: bool = False
     return torch.cat(out)
 
 
+def trunk_features_and_mirror(trunk: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``[N, 2, ...]``: :func:`trunk_features` of each face and of its mirror image."""
+    return torch.stack([trunk_features(trunk, images), trunk_features(trunk, images, flip=True)], dim=1)
+
+
 def trunk_fingerprint(trunk: nn.Module) -> str:
     """SHA-256 of a trunk's weights and where it ends: equal fingerprints compute equal features."""
     digest = hashlib.sha256(str(getattr(trunk, "num_blocks", "")).encode())
@@ -138,8 +143,7 @@ def cached_trunk_features(trunk: nn.Module, faces: FaceSet, cache_dir: Path | No
         stored = _read_features(file)
         missing = [i for i in rows if hashes[i] not in stored]
         if missing:
-            images = faces.images[missing]
-            computed = torch.stack([trunk_features(trunk, images), trunk_features(trunk, images, flip=True)], dim=1)
+            computed = trunk_features_and_mirror(trunk, faces.images[missing])
             stored.update({hashes[i]: f for i, f in zip(missing, computed)})
             if file is not None:
                 atomic_torch_save(file, stored, durable=False)

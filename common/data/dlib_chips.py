@@ -22,11 +22,10 @@ import torch
 from PIL import Image
 
 from common.data.preprocess import to_rgb
-from common.dlib_weights import dlib_models_dir
+from common.dlib_weights import SHAPE_PREDICTOR_FILE, dlib_models_dir
 
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
-SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 PREFERENCES = ("largest", "centre")
 CENTRE_BOX_FRACTION = 0.44  # fallback box side over the shorter image side (110 px of LFW's 250)
 
