@@ -171,11 +171,13 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
         head = MarginHead(cfg.embedding_dim, train.num_identities)
         if state.head is not None and state.head.get("weight", torch.empty(0)).shape == head.weight.shape:
             head.load_state_dict(state.head)
+        factor = cfg.lr_factor(server_round)
         res = train_embedding(models.embedding, head, train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                              lr=cfg.lr, loss=cfg.loss, margin=cfg.margin, scale=cfg.scale, augment=cfg.augment,
-                              dp=dp, proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed,
+                              lr=cfg.embedding_lr * factor, loss=cfg.loss, margin=cfg.margin, scale=cfg.scale,
+                              augment=cfg.augment, dp=dp,
+                              proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed,
                               feature_cache=Path(cfg.cache_dir or default_cache_dir()) / FEATURES_DIR,
-                              backbone_lr=cfg.backbone_lr or None)
+                              backbone_lr=cfg.backbone_lr * factor or None, optimizer=cfg.embedding_optimizer)
         mechanisms += res.mechanisms
         state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         metrics["embedding-train-loss"] = res.metrics["train-loss"]

@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,10 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.atomic import atomic_torch_save
-from common.data.augment import augment_faces
+from common.data.augment import AugmentConfig, augment_faces
 from common.data.faceset import FaceSet
 from common.models.losses import MarginHead, margin_softmax_loss, triplet_semihard_loss
 from common.models.vae import Discriminator, lsgan_discriminator_loss, lsgan_generator_loss, vae_loss
+
+# The embedding's augmentation: mirror images and mild brightness/contrast, no rotation or shift. The faces are
+# aligned (5 points) and the networks' global depthwise head reads features by where they lie on the face; on LFW
+# View 1 a from-scratch model reached 0.84 after 12 epochs with these and 0.59 with the default rotations and shifts.
+EMBEDDING_AUGMENT = AugmentConfig(max_rotation_deg=0.0, max_shift=0.0, brightness=0.1, contrast=0.1)
 
 Mechanism = tuple[float, float, int]
 
@@ -216,6 +221,7 @@ def train_embedding(
     seed: int = 0,
     feature_cache: Path | None = None,
     backbone_lr: float | None = None,
+    optimizer: str = "sgd",
 ) -> LocalResult:
     """Train ``backbone`` (federated) and ``head`` (site-private identity prototypes) on ``faces``.
 
@@ -226,6 +232,9 @@ def train_embedding(
     and its mirror image (and kept in ``feature_cache``, see :func:`cached_trunk_features`); augmentation is then
     the mirror image only. The mechanism is the same: each example is a face, its gradient is clipped, and what
     the trunk computes from it is a fixed function of that face.
+
+    ``optimizer`` is ``"sgd"`` (momentum 0.9, weight decay 5e-4) or ``"adamw"`` (weight decay 0.05); its state
+    starts afresh in every call, as a site's does in every round.
     """
     if dp is not None and loss == "triplet":
         raise ValueError("Triplet loss couples the samples of a batch; it cannot be trained with DP-SGD.")
@@ -242,10 +251,10 @@ def train_embedding(
     model.train()
     groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad],
                "lr": lr if backbone_lr is None else backbone_lr}, {"params": list(model.head.parameters())}]
-    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=5e-4)
+    opt = _optimizer(optimizer, [g for g in groups if g["params"]], lr)
     loader = _loader(faces, batch_size, gen, by_index=split is not None)
     if dp is not None:
-        model, optimizer, loader = _privatize(model, optimizer, loader, dp, gen)
+        model, opt, loader = _privatize(model, opt, loader, dp, gen)
     inner = model._module if dp is not None else model
     last_epoch_started = False  # loss and accuracy are reported for the last local epoch
     steps, seen, processed, total_loss, correct = 0, 0, 0, 0.0, 0
@@ -255,10 +264,10 @@ def train_embedding(
         if epoch == epochs - 1 and epochs > 1 and not last_epoch_started:
             last_epoch_started, seen, total_loss, correct = True, 0, 0.0, 0
         if len(labels) == 0:
-            _empty_batch_step(optimizer, dp)
+            _empty_batch_step(opt, dp)
             continue
         x = inputs(images)
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         if loss == "triplet":
             emb = inner.backbone(x)
             batch_loss = triplet_semihard_loss(emb, labels)
@@ -268,7 +277,7 @@ def train_embedding(
             cosine = model(x)
             batch_loss = margin_softmax_loss(cosine, labels, kind=loss, margin=margin, scale=scale)
         batch_loss.backward()
-        optimizer.step()
+        opt.step()
         _proximal_step(inner, anchor, lr, proximal_mu)
         seen += len(labels)
         processed += len(labels)
@@ -289,11 +298,19 @@ def train_embedding(
     return result
 
 
+def _optimizer(kind: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.05)
+    raise ValueError(f"optimizer must be sgd or adamw, got {kind!r}.")
+
+
 def _image_inputs(augment: bool, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 faces of a batch -> the network's input (augmented when asked)."""
+    """uint8 faces of a batch -> the network's input (augmented when asked, see ``EMBEDDING_AUGMENT``)."""
     def inputs(images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0)
-        return normalize(augment_faces(x, gen) if augment else x)
+        return normalize(augment_faces(x, gen, **asdict(EMBEDDING_AUGMENT)) if augment else x)
     return inputs
 
 

@@ -210,6 +210,6 @@ def build_strategy(cfg: RunConfig, reference: dict, round_offset: int = 0) -> Si
     elif cfg.strategy == "fedprox":
         strategy = FaceFedProx(proximal_mu=cfg.proximal_mu, **common)
     else:
-        strategy = FaceFedAdam(eta=cfg.server_lr, eta_l=cfg.lr, **common)
+        strategy = FaceFedAdam(eta=cfg.server_lr, eta_l=cfg.embedding_lr, **common)
     strategy.init_facefl(reference, round_offset, cfg.max_update_norm, cfg.min_sites, cfg.quorum_timeout)
     return strategy

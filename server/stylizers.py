@@ -232,7 +232,7 @@ def identity_model(source: str, data: str | None, *, epochs: int = 4, crop_fract
     head = MarginHead(128, faces.num_identities)
     start = time.perf_counter()
     for epoch in range(epochs):
-        res = train_embedding(model, head, faces, epochs=1, batch_size=256, lr=cfg.lr, loss="arcface",
+        res = train_embedding(model, head, faces, epochs=1, batch_size=256, lr=DEFAULT_LRS["sgd"], loss="arcface",
                               margin=cfg.margin, scale=cfg.scale, augment=True, dp=None, seed=epoch)
         log(f"identity model epoch {epoch + 1}/{epochs}: loss {res.metrics['train-loss']:.3f} "
             f"({time.perf_counter() - start:.0f} s)")

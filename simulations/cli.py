@@ -257,8 +257,10 @@ def scenarios() -> None:
 def data_prepare(
     data: str = typer.Argument(..., help="Identity-folder dataset root."),
     size: int = typer.Option(64, help="Face crop size in pixels."),
-    mode: str = typer.Option("auto", help="auto | crop (aligned sets such as LFW) | detect (MTCNN + alignment) | "
-                             "dlib (dlib's 150x150 chips, for model=dlib-resnet; --size 150)."),
+    mode: str = typer.Option("aligned", help="aligned (what runs use: dlib's 5-point chips, cached at 150x150, "
+                             "cut tighter and resized for the from-scratch models and the VAE) | dlib (the chips "
+                             "themselves, for model=dlib-resnet; --size 150) | crop (centre crop) | detect (MTCNN + "
+                             "alignment) | auto (crop for LFW, else detect)."),
 ) -> None:
     """Preprocess a dataset once (detect/align or crop, resize) into the cache; later runs reuse it."""
     from common.data.datasets import load_faces
@@ -272,21 +274,31 @@ def data_prepare(
 @bench_app.command("train")
 def bench_train(
     data: str = typer.Option(..., help="LFW root (with its protocol files)."),
-    rounds: int = typer.Option(5, help="Federated rounds (centralized gets the same number of epochs)."),
+    rounds: int = typer.Option(5, help="Rounds of the pretrained backbone's federated runs (centralized: as many "
+                                       "epochs)."),
+    scratch_rounds: int = typer.Option(15, help="Rounds of the from-scratch runs (centralized: as many epochs)."),
     sites: int = typer.Option(4, help="Sites for the federated runs."),
-    epsilon: float = typer.Option(8.0, help="Per-site epsilon of the DP run."),
+    epsilons: str = typer.Option("8,2", help="Per-site epsilons of the DP runs (the from-scratch DP run uses the "
+                                             "first)."),
     max_identities: int = typer.Option(0, help="Use only this many training identities (0 = all)."),
-    parts: str = typer.Option("dp-cost,view1,vae", help="Comma-separated: dp-cost, view1, vae."),
+    parts: str = typer.Option("dp-cost,pretrained,scratch", help="Comma-separated: dp-cost, pretrained, scratch, "
+                                                                  "vae."),
     batch_size: int = typer.Option(256, help="Batch size of every training run (DP-SGD wants large batches)."),
     out: str = typer.Option("runs/bench", help="Folder for the benchmark's runs and its JSON summary."),
 ) -> None:
-    """DP cost, LFW View-1 verification (centralized vs federated vs federated DP), VAE PSNR/SSIM."""
+    """DP cost; LFW View-1 face models (pretrained and from scratch; centralized, federated, federated DP); VAE."""
     from simulations.bench import run_bench
 
     _setup_logging(False)
-    run_bench(data=data, rounds=rounds, sites=sites, epsilon=epsilon, max_identities=max_identities,
-              parts=[p.strip() for p in parts.split(",") if p.strip()], out=Path(out), console=Console(),
-              batch_size=batch_size)
+    try:
+        eps = tuple(float(e) for e in epsilons.split(",") if e.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--epsilons takes comma-separated numbers such as 8,2; got {epsilons!r}.")
+    if not eps or min(eps) <= 0:
+        raise typer.BadParameter(f"--epsilons needs at least one positive epsilon; got {epsilons!r}.")
+    run_bench(data=data, rounds=rounds, scratch_rounds=scratch_rounds, sites=sites, epsilons=eps,
+              max_identities=max_identities, parts=[p.strip() for p in parts.split(",") if p.strip()],
+              out=Path(out), console=Console(width=160), batch_size=batch_size)
 
 
 _STYLE_HELP = "A named style (see `facefl style list`) or the path of a painting."

@@ -90,3 +90,19 @@ def test_iid_with_image_counts_balances_examples():
     assert max(totals) - min(totals) <= 40 and min(len(s) for s in sites) >= 2
     assert sorted(n for s in sites for n in s) == sorted(NAMES)
     assert partition_identities(NAMES, 3, seed=0, weights=counts) == sites
+
+
+def test_learning_rate_schedule_optimizer_and_face_pipeline_follow_the_model():
+    scratch, tuned = RunConfig(num_rounds=10), RunConfig(model="dlib-resnet", num_rounds=10)
+    assert (scratch.embedding_optimizer, scratch.embedding_lr, scratch.face_mode) == ("adamw", 2e-3, "aligned")
+    assert (tuned.embedding_optimizer, tuned.embedding_lr, tuned.face_mode) == ("sgd", 0.1, "dlib")
+    assert RunConfig(optimizer="sgd", lr=0.05).embedding_lr == 0.05
+    factors = [scratch.lr_factor(r) for r in range(1, 13)]
+    assert factors[0] == 1.0 and all(a > b for a, b in zip(factors[:9], factors[1:10]))
+    assert 0 < factors[9] < 0.05 and factors[10] == factors[11] == factors[9]  # rounds past the plan keep the last
+    assert RunConfig(planned_rounds=20, num_rounds=10).lr_factor(10) > 0.5  # the plan, not this run's rounds
+    assert RunConfig(lr_schedule="constant").lr_factor(7) == 1.0
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        RunConfig(optimizer="adam")
+    with pytest.raises(ConfigError, match="lr must be"):
+        RunConfig(lr=-0.1)

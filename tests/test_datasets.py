@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import common.data.datasets as datasets
-from common.data.datasets import (DataError, Pair, is_lfw_root, lfw_image_relpath, lfw_train_identities, load_faces,
-                                  load_lfw_pairs, read_pairs_file, read_people_file)
+from common.data.datasets import (ALIGNED_CROP_FRACTION, DataError, Pair, is_lfw_root, lfw_image_relpath,
+                                  lfw_train_identities, load_faces, load_lfw_pairs, read_pairs_file, read_people_file,
+                                  tighter_resized)
 from common.data.preprocess import FaceAligner, arcface_template, center_crop_face, estimate_similarity
 
 
@@ -117,6 +118,21 @@ def test_load_lfw_slice(lfw_root: Path, tmp_path: Path):
     for path, label in zip(faces.paths, faces.labels.tolist()):
         assert path.split("/")[0] == faces.identities[label] and (lfw_root / path).is_file()
     assert faces.images.float().std() > 20  # real pictures, not a blank fill
+
+
+def test_aligned_mode_is_dlibs_chip_cut_tighter_and_resized(lfw_root: Path, tmp_path: Path):
+    names = lfw_train_identities(lfw_root, min_images=2)[:3]
+    chips = load_faces(lfw_root, image_size=150, mode="dlib", identities=names, cache_dir=tmp_path, progress=False)
+    aligned = load_faces(lfw_root, image_size=64, mode="aligned", identities=names, cache_dir=tmp_path,
+                         progress=False)
+    assert tuple(aligned.images.shape) == (len(chips), 3, 64, 64) and aligned.images.dtype == torch.uint8
+    assert (aligned.paths, aligned.identities) == (chips.paths, chips.identities)
+    assert torch.equal(aligned.images, tighter_resized(chips.images, ALIGNED_CROP_FRACTION, 64))
+    # the central 80%: a corner of the aligned face is well inside the chip, not its padding
+    inner = chips.images[:, :, 15:135, 15:135].float()
+    small = torch.nn.functional.interpolate(inner, size=(64, 64), mode="bilinear", antialias=True)
+    assert (small - aligned.images.float()).abs().mean() < 1.0
+    assert sorted(p.name for p in next(tmp_path.iterdir()).iterdir()) == ["dlib-150"]  # only the chips are cached
 
 
 def test_load_lfw_pairs_balanced_subset(lfw_root: Path, tmp_path: Path):

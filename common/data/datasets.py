@@ -4,7 +4,8 @@ A dataset root holds one folder per identity: ``root/<identity>/<image>`` with `
 ``.png`` or ``.pgm`` images. Faces are cropped (``"crop"``, for already aligned sets such as LFW), detected and
 aligned with MTCNN (``"detect"``, for raw photos) or cut as dlib's face chips (``"dlib"``, the input of dlib's face
 ResNet), resized to ``image_size`` and cached per identity folder, so a later run with the same (dataset, size,
-mode) only re-reads the cache.
+mode) only re-reads the cache. ``"aligned"`` faces (the input of the models trained from scratch) are dlib's chips
+cut tighter and resized, computed from the cached ``"dlib"`` chips.
 
 Bad input never crashes a load: unreadable files, non-image files, photos without a face and identities
 with too few images are skipped, counted in ``FaceSet.skipped`` and summarised in one WARNING line on the
@@ -14,6 +15,7 @@ with too few images are skipped, counted in ``FaceSet.skipped`` and summarised i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -28,6 +30,7 @@ import torch
 from PIL import Image, ImageOps
 
 from common.atomic import atomic_torch_save
+from common.config import DLIB_CHIP_SIZE
 from common.data.dlib_chips import CHIP_PADDING, DlibChipper
 from common.data.faceset import FaceSet
 from common.data.preprocess import LFW_CROP_FRACTION, FaceAligner, center_crop_face
@@ -36,7 +39,11 @@ from common.weights import default_cache_dir
 logger = logging.getLogger("facefl.data")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".pgm"})
-MODES = ("auto", "crop", "detect", "dlib")
+MODES = ("auto", "crop", "detect", "dlib", "aligned")
+# "aligned": the central share of a dlib chip kept (120 of its 150 pixels: the chip's padding of 0.25 face widths
+# cut to 0.1), which shows the inner face larger; on LFW View 1 a from-scratch model gained ~1 point over the whole
+# chip at 64 px.
+ALIGNED_CROP_FRACTION = 0.8
 LFW_MARKER_FILES = ("peopleDevTrain.txt", "pairsDevTest.txt")
 CACHE_VERSION = 1
 # Longest side that detect mode decodes huge JPEGs at (the aligner detects at <= 1024 px anyway).
@@ -201,13 +208,26 @@ def lfw_train_identities(root: str | os.PathLike, min_images: int = 2) -> list[s
 
 
 def resolve_mode(mode: str, root: str | os.PathLike) -> str:
-    """Return ``"crop"``, ``"detect"`` or ``"dlib"``; ``"auto"`` is ``"crop"`` for an LFW root, ``"detect"``
-    otherwise (``"dlib"``, dlib's own 150x150 chips, is only ever asked for by name)."""
+    """Return ``"crop"``, ``"detect"``, ``"dlib"`` or ``"aligned"``; ``"auto"`` is ``"crop"`` for an LFW root,
+    ``"detect"`` otherwise (``"dlib"`` and ``"aligned"`` are only ever asked for by name)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
     if mode == "auto":
         return "crop" if is_lfw_root(root) else "detect"
     return mode
+
+
+def tighter_resized(images: torch.Tensor, fraction: float, size: int, chunk: int = 1024) -> torch.Tensor:
+    """uint8 ``[N, 3, S, S]`` -> the central ``fraction`` of each image, resized (antialiased) to ``[N, 3, size, size]``."""
+    side = images.shape[-1]
+    keep = int(round(side * fraction))
+    start = (side - keep) // 2
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8)
+    for i in range(0, len(images), chunk):
+        x = images[i : i + chunk, :, start : start + keep, start : start + keep].float()
+        out[i : i + chunk] = torch.nn.functional.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).round_().clamp_(0, 255)
+    return out
 
 
 def _check_root(root: str | os.PathLike) -> Path:
@@ -412,11 +432,12 @@ def load_faces(
         Dataset root with one folder per identity (``root/<identity>/<image>``).
     image_size : int, default 64
         Side ``S`` of the square crops.
-    mode : {"auto", "crop", "detect", "dlib"}, default "auto"
+    mode : {"auto", "crop", "detect", "dlib", "aligned"}, default "auto"
         ``"crop"``: centre crop (aligned sets); ``"detect"``: MTCNN + 5-point alignment (raw photos);
         ``"dlib"``: dlib's detector, 5-point shape predictor and face chip (padding 0.25), the input of dlib's
-        face ResNet (``image_size`` 150; see ``common.data.dlib_chips``); ``"auto"``: ``"crop"`` for an LFW root,
-        ``"detect"`` otherwise.
+        face ResNet (``image_size`` 150; see ``common.data.dlib_chips``); ``"aligned"``: the central
+        ``ALIGNED_CROP_FRACTION`` of those chips resized to ``image_size`` (they are computed, and cached, at 150
+        pixels); ``"auto"``: ``"crop"`` for an LFW root, ``"detect"`` otherwise.
     identities : iterable of str, optional
         Load only these identity folders. Names without a folder are counted as ``"missing-identity"``.
     min_images : int, default 2
@@ -447,6 +468,10 @@ def load_faces(
     if not isinstance(min_images, int) or min_images < 1:
         raise ValueError(f"min_images must be a positive integer, got {min_images!r}.")
     mode = resolve_mode(mode, root)
+    if mode == "aligned":
+        chips = load_faces(root, image_size=DLIB_CHIP_SIZE, mode="dlib", identities=identities,
+                           min_images=min_images, cache_dir=cache_dir, progress=progress)
+        return dataclasses.replace(chips, images=tighter_resized(chips.images, ALIGNED_CROP_FRACTION, image_size))
 
     skipped: Counter[str] = Counter()
     available = list_identities(root)
