@@ -165,8 +165,8 @@ def test_vae_gan_under_dp_records_two_mechanisms(lfw_slice):
 
 def test_from_scratch_recipe_learns_real_faces(lfw_root: Path, cache_dir: Path):
     """The compact model from scratch with the run's recipe (aligned faces, AdamW, its augmentation) fits real
-    identities within a few epochs; the same with SGD at the SGD default learns far less (why AdamW is the
-    default from scratch)."""
+    identities within a few epochs, one fresh optimizer per epoch as a site has one per round; SGD at its default
+    rate learns far less (why AdamW is the default from scratch)."""
     from client.train import train_embedding
 
     people = read_people_file(lfw_root / "peopleDevTrain.txt")
@@ -177,12 +177,14 @@ def test_from_scratch_recipe_learns_real_faces(lfw_root: Path, cache_dir: Path):
 
     def fit(optimizer: str, lr: float) -> float:
         torch.manual_seed(0)
-        net, head = build_embedding_model("compact", embedding_dim=128), MarginHead(128, faces.num_identities)
+        net = build_embedding_model("compact", embedding_dim=128, dp=True)
+        head = MarginHead(128, faces.num_identities)
         res = [train_embedding(net, head, faces, epochs=1, batch_size=32, lr=lr, margin=0.2, optimizer=optimizer,
-                               seed=epoch).metrics for epoch in range(6)]
+                               seed=epoch).metrics for epoch in range(12)]
         assert res[-1]["train-loss"] < res[0]["train-loss"]
         return res[-1]["train-accuracy"]
 
     adamw = fit("adamw", cfg.embedding_lr)
-    assert adamw > 0.6, f"the from-scratch recipe fits {adamw:.2f} of its training faces after 6 epochs"
-    assert adamw > fit("sgd", 0.1) + 0.2
+    assert adamw > 0.45, f"the from-scratch recipe fits {adamw:.2f} of its training faces after 12 epochs"
+    sgd = fit("sgd", 0.1)  # measured here: AdamW 0.63, SGD 0.07
+    assert adamw > sgd + 0.25, f"AdamW fits {adamw:.2f}, SGD {sgd:.2f}"
