@@ -14,6 +14,7 @@ from common.config import RunConfig
 _LEDGER_KEY = "privacy-ledger"
 _HEAD_KEY = "margin-head"
 _DISC_KEY = "discriminator"
+_OPT_KEY = "embedding-optimizer"
 
 
 def node_state(context: Context) -> SiteState:
@@ -21,9 +22,9 @@ def node_state(context: Context) -> SiteState:
     ledger = None
     if _LEDGER_KEY in state.config_records:
         ledger = PrivacyLedger.from_json(str(state.config_records[_LEDGER_KEY]["json"]))
-    head = state.array_records[_HEAD_KEY].to_torch_state_dict() if _HEAD_KEY in state.array_records else None
-    disc = state.array_records[_DISC_KEY].to_torch_state_dict() if _DISC_KEY in state.array_records else None
-    return SiteState(ledger, head, disc)
+    head, disc, opt = (state.array_records[key].to_torch_state_dict() if key in state.array_records else None
+                       for key in (_HEAD_KEY, _DISC_KEY, _OPT_KEY))
+    return SiteState(ledger, head, disc, opt)
 
 
 def save_node_state(context: Context, site_state: SiteState) -> None:
@@ -33,6 +34,8 @@ def save_node_state(context: Context, site_state: SiteState) -> None:
         context.state.array_records[_HEAD_KEY] = ArrayRecord(site_state.head)
     if site_state.discriminator is not None:
         context.state.array_records[_DISC_KEY] = ArrayRecord(site_state.discriminator)
+    if site_state.optimizer is not None:
+        context.state.array_records[_OPT_KEY] = ArrayRecord(site_state.optimizer)
 
 
 def secure_train_round(msg: Message, context: Context, cfg: RunConfig) -> Message:

@@ -30,6 +30,7 @@ log = logging.getLogger("facefl.site")
 HEAD_FILE = "margin_head.pt"
 AUDIT_FILE = "audit.jsonl"
 DISCRIMINATOR_FILE = "discriminator.pt"
+OPTIMIZER_FILE = "optimizer.pt"  # the embedding optimizer's momenta, kept between rounds like the margin head
 FEATURES_DIR = "features"  # in the face cache: a frozen pretrained trunk's outputs for the faces (client.train)
 
 
@@ -67,6 +68,7 @@ class SiteState:
     ledger: PrivacyLedger | None = None
     head: dict[str, torch.Tensor] | None = None
     discriminator: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, torch.Tensor] | None = None  # the embedding optimizer's momenta (client.train)
 
 
 @dataclass
@@ -90,12 +92,12 @@ def load_data(cfg: RunConfig, site: Site) -> tuple[FaceSet, FaceSet]:
 def restore_state(site: Site, in_memory: SiteState) -> SiteState:
     """Merge the node-state copy with the state directory's copy (the newer ledger wins)."""
     ledger = newest(in_memory.ledger, PrivacyLedger.load(site.state_dir))
-    head, disc = in_memory.head, in_memory.discriminator
-    if head is None and (site.state_dir / HEAD_FILE).exists():
-        head = torch.load(site.state_dir / HEAD_FILE, map_location="cpu", weights_only=True)
-    if disc is None and (site.state_dir / DISCRIMINATOR_FILE).exists():
-        disc = torch.load(site.state_dir / DISCRIMINATOR_FILE, map_location="cpu", weights_only=True)
-    return SiteState(ledger, head, disc)
+    def stored(value, file: str):
+        if value is None and (site.state_dir / file).exists():
+            return torch.load(site.state_dir / file, map_location="cpu", weights_only=True)
+        return value
+    return SiteState(ledger, stored(in_memory.head, HEAD_FILE), stored(in_memory.discriminator, DISCRIMINATOR_FILE),
+                     stored(in_memory.optimizer, OPTIMIZER_FILE))
 
 
 IMAGE_SKIPS = ("unreadable", "not-an-image", "no-face")
@@ -177,9 +179,11 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
                               augment=cfg.augment, dp=dp,
                               proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed,
                               feature_cache=Path(cfg.cache_dir or default_cache_dir()) / FEATURES_DIR,
-                              backbone_lr=cfg.backbone_lr * factor or None, optimizer=cfg.embedding_optimizer)
+                              backbone_lr=cfg.backbone_lr * factor or None, optimizer=cfg.embedding_optimizer,
+                              optimizer_state=state.optimizer)
         mechanisms += res.mechanisms
         state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        state.optimizer = res.optimizer_state
         metrics["embedding-train-loss"] = res.metrics["train-loss"]
         metrics["embedding-train-accuracy"] = res.metrics["train-accuracy"]
         metrics["embedding-val-accuracy"] = evaluate_identification(models.embedding, head, val)["val-accuracy"]
@@ -205,6 +209,8 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
         atomic_torch_save(site.state_dir / HEAD_FILE, state.head)
     if state.discriminator is not None:
         atomic_torch_save(site.state_dir / DISCRIMINATOR_FILE, state.discriminator)
+    if state.optimizer is not None:
+        atomic_torch_save(site.state_dir / OPTIMIZER_FILE, state.optimizer)
     metrics["train-seconds"] = time.perf_counter() - start
     entry = audit.append("round-trained", round=server_round, examples=len(train), identities=train.num_identities,
                          dp=cfg.dp, epsilon=metrics["epsilon"], delta=metrics["delta"],

@@ -47,6 +47,7 @@ class DPSettings:
 class LocalResult:
     metrics: dict[str, float] = field(default_factory=dict)
     mechanisms: list[Mechanism] = field(default_factory=list)
+    optimizer_state: dict[str, torch.Tensor] | None = None  # flat (see optimizer_state_to_flat), for the next round
 
 
 def _batches(loader, epochs: int):
@@ -222,6 +223,7 @@ def train_embedding(
     feature_cache: Path | None = None,
     backbone_lr: float | None = None,
     optimizer: str = "sgd",
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Train ``backbone`` (federated) and ``head`` (site-private identity prototypes) on ``faces``.
 
@@ -233,8 +235,11 @@ def train_embedding(
     the mirror image only. The mechanism is the same: each example is a face, its gradient is clipped, and what
     the trunk computes from it is a fixed function of that face.
 
-    ``optimizer`` is ``"sgd"`` (momentum 0.9, weight decay 5e-4) or ``"adamw"`` (weight decay 0.05); its state
-    starts afresh in every call, as a site's does in every round.
+    ``optimizer`` is ``"sgd"`` (momentum 0.9, weight decay 5e-4) or ``"adamw"`` (weight decay 0.05). Its state
+    (momenta) continues from ``optimizer_state``, the previous call's ``LocalResult.optimizer_state``, when that fits
+    the parameters, and starts afresh otherwise: a site keeps it between rounds, private like its margin head (under
+    DP it is computed from the noised gradients only). Restarting AdamW every round cost federated training from
+    scratch about 3 points of View-1 accuracy.
     """
     if dp is not None and loss == "triplet":
         raise ValueError("Triplet loss couples the samples of a batch; it cannot be trained with DP-SGD.")
@@ -252,6 +257,7 @@ def train_embedding(
     groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad],
                "lr": lr if backbone_lr is None else backbone_lr}, {"params": list(model.head.parameters())}]
     opt = _optimizer(optimizer, [g for g in groups if g["params"]], lr)
+    resumed = load_optimizer_state(opt, optimizer_state)
     loader = _loader(faces, batch_size, gen, by_index=split is not None)
     if dp is not None:
         model, opt, loader = _privatize(model, opt, loader, dp, gen)
@@ -290,12 +296,45 @@ def train_embedding(
             "train-accuracy": correct / max(seen, 1),
             "steps": float(steps),
             "images-per-second": processed / max(elapsed, 1e-9),
-        }
+            "optimizer-resumed": float(resumed),
+        },
+        optimizer_state=optimizer_state_to_flat(opt.original_optimizer if dp is not None else opt),
     )
     if dp is not None:
         result.mechanisms.append((dp.noise_multiplier, 1.0 / steps_per_epoch(len(faces), batch_size), steps))
         _release_hooks(model)
     return result
+
+
+def optimizer_state_to_flat(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as ``{"<param index>.<name>": tensor}`` (what Flower's node state and
+    ``torch.save(weights_only=True)`` hold); the learning rates are not kept, they come from each round's config."""
+    flat = {}
+    for index, entries in opt.state_dict()["state"].items():
+        for name, value in entries.items():
+            flat[f"{index}.{name}"] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value)
+    return flat
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor] | None) -> bool:
+    """Continue ``opt`` from :func:`optimizer_state_to_flat`'s output; False (and nothing loaded) when there is
+    none or it does not fit ``opt``'s parameters (another model, another number of identities)."""
+    if not flat:
+        return False
+    params = [p for group in opt.param_groups for p in group["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    try:
+        for key, value in flat.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        for index, entries in state.items():
+            shape = params[index].shape
+            if any(v.dim() > 0 and v.shape != shape for v in entries.values()):
+                return False
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    except (ValueError, IndexError, KeyError):
+        return False
+    return True
 
 
 def _optimizer(kind: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:

@@ -114,12 +114,14 @@ def centralized(cfg: RunConfig, epochs: int, protocol: ProtocolData, console: Co
     head = MarginHead(cfg.embedding_dim, faces.num_identities)
     features = Path(cfg.cache_dir or default_cache_dir()) / FEATURES_DIR
     start = time.perf_counter()
+    res = None
     for epoch in range(1, epochs + 1):
         factor = cfg.lr_factor(epoch)
         res = train_embedding(models.embedding, head, faces, epochs=1, batch_size=cfg.batch_size,
                               lr=cfg.embedding_lr * factor, backbone_lr=cfg.backbone_lr * factor or None,
                               optimizer=cfg.embedding_optimizer, loss=cfg.loss, margin=cfg.margin, scale=cfg.scale,
-                              augment=cfg.augment, dp=None, seed=cfg.seed + epoch, feature_cache=features)
+                              augment=cfg.augment, dp=None, seed=cfg.seed + epoch, feature_cache=features,
+                              optimizer_state=res.optimizer_state if res is not None else None)
         console.print(f"  centralized epoch {epoch}/{epochs}: loss {res.metrics['train-loss']:.3f}, train accuracy "
                       f"{res.metrics['train-accuracy']:.3f} ({time.perf_counter() - start:.0f} s)")
     seconds = time.perf_counter() - start

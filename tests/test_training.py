@@ -188,3 +188,25 @@ def test_from_scratch_recipe_learns_real_faces(lfw_root: Path, cache_dir: Path):
     assert adamw > 0.45, f"the from-scratch recipe fits {adamw:.2f} of its training faces after 12 epochs"
     sgd = fit("sgd", 0.1)  # measured here: AdamW 0.63, SGD 0.07
     assert adamw > sgd + 0.25, f"AdamW fits {adamw:.2f}, SGD {sgd:.2f}"
+
+
+def test_optimizer_state_carries_over_between_rounds_and_survives_the_node_state(lfw_slice):
+    """A site's AdamW momenta continue into its next round (under DP: from noised gradients only), through the
+    flat form Flower's node state and the state directory hold; state that does not fit starts afresh."""
+    from flwr.app import ArrayRecord
+
+    from client.train import train_embedding
+
+    net = build_embedding_model("compact", embedding_dim=128, dp=True)
+    head = MarginHead(128, lfw_slice.num_identities)
+    kw = dict(epochs=1, batch_size=16, lr=1e-3, optimizer="adamw", dp=DPSettings(1.0, 1.0))
+    first = train_embedding(net, head, lfw_slice, seed=0, **kw)
+    assert first.metrics["optimizer-resumed"] == 0.0 and first.optimizer_state
+    stored = ArrayRecord(first.optimizer_state).to_torch_state_dict()  # as Flower's node state keeps it
+    second = train_embedding(net, head, lfw_slice, seed=1, optimizer_state=stored, **kw)
+    assert second.metrics["optimizer-resumed"] == 1.0
+    steps = {k: float(v) for k, v in second.optimizer_state.items() if k.endswith(".step")}
+    assert min(steps.values()) > max(float(v) for k, v in first.optimizer_state.items() if k.endswith(".step"))
+    other = MarginHead(128, lfw_slice.num_identities + 3)  # another site's identities: its own fresh momenta
+    assert train_embedding(net, other, lfw_slice, seed=2, optimizer_state=stored, **kw).metrics[
+        "optimizer-resumed"] == 0.0
