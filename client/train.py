@@ -238,8 +238,8 @@ def train_embedding(
     ``optimizer`` is ``"sgd"`` (momentum 0.9, weight decay 5e-4) or ``"adamw"`` (weight decay 0.05). Its state
     (momenta) continues from ``optimizer_state``, the previous call's ``LocalResult.optimizer_state``, when that fits
     the parameters, and starts afresh otherwise: a site keeps it between rounds, private like its margin head (under
-    DP it is computed from the noised gradients only). Restarting AdamW every round cost federated training from
-    scratch about 3 points of View-1 accuracy.
+    DP it is computed from the noised gradients only). In one in-process 4-site simulation from scratch, keeping it
+    gave 0.791 View-1 accuracy where restarting AdamW every round had given 0.759; single runs vary by 2-3 points.
     """
     if dp is not None and loss == "triplet":
         raise ValueError("Triplet loss couples the samples of a batch; it cannot be trained with DP-SGD.")
@@ -329,12 +329,16 @@ def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tenso
             state.setdefault(int(index), {})[name] = value
         for index, entries in state.items():
             shape = params[index].shape
-            if any(v.dim() > 0 and v.shape != shape for v in entries.values()):
+            if set(entries) != _STATE_NAMES.get(type(opt)) or any(v.dim() > 0 and v.shape != shape
+                                                                    for v in entries.values()):
                 return False
         opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     except (ValueError, IndexError, KeyError):
         return False
     return True
+
+
+_STATE_NAMES = {torch.optim.SGD: {"momentum_buffer"}, torch.optim.AdamW: {"step", "exp_avg", "exp_avg_sq"}}
 
 
 def _optimizer(kind: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:

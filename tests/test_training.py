@@ -210,3 +210,6 @@ def test_optimizer_state_carries_over_between_rounds_and_survives_the_node_state
     other = MarginHead(128, lfw_slice.num_identities + 3)  # another site's identities: its own fresh momenta
     assert train_embedding(net, other, lfw_slice, seed=2, optimizer_state=stored, **kw).metrics[
         "optimizer-resumed"] == 0.0
+    sgd = {**kw, "optimizer": "sgd"}  # a run resumed with another optimizer starts it afresh, it does not crash
+    assert train_embedding(net, head, lfw_slice, seed=3, optimizer_state=stored, **sgd).metrics[
+        "optimizer-resumed"] == 0.0
