@@ -202,7 +202,7 @@ def identity_model(source: str, data: str | None, *, epochs: int = 4, crop_fract
             raise StyleError(f"--identity takes 'auto', 'none' or a facefl run directory; {path} is none of these.")
         model, desc = _identity_from_run(path)
         return IdentityProbe(model, crop=crop), desc
-    from common.config import RunConfig
+    from common.config import DEFAULT_LRS, RunConfig
     from common.models.embedding import build_embedding_model
 
     key = json.dumps({"data": str(Path(data).expanduser().resolve()) if data else "synthetic", "epochs": epochs,

@@ -282,3 +282,16 @@ def test_gatys_moves_the_grams_towards_the_style(starry_night: torch.Tensor, lfw
         after = float(style_loss(net(out[None]), grams, net.style_layers))
     assert after < 0.7 * before, (before, after)
     assert float((out - content).abs().mean()) > 0.01
+
+
+def test_identity_adversary_trains_from_scratch_and_is_cached(tmp_path, monkeypatch):
+    """``--identity auto`` trains the stylizer's identity adversary here (never dlib), then reuses it."""
+    from server.stylizers import identity_model
+
+    monkeypatch.setenv("FACEFL_CACHE", str(tmp_path))
+    lines: list[str] = []
+    probe, desc = identity_model("auto", None, epochs=1, log=lines.append)
+    assert probe is not None and "CompactFaceNet trained 1 epochs" in desc and "synthetic" in desc
+    assert any("identity model epoch 1/1" in line for line in lines)
+    lines.clear()
+    assert identity_model("auto", None, epochs=1, log=lines.append)[1] == desc and not lines  # from the cache
