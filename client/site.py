@@ -100,6 +100,16 @@ def restore_state(site: Site, in_memory: SiteState) -> SiteState:
                      stored(in_memory.optimizer, OPTIMIZER_FILE))
 
 
+def embedding_settings(cfg: RunConfig, server_round: int) -> dict:
+    """:func:`client.train.train_embedding`'s settings from the run config in round ``server_round`` (the learning
+    rates follow the schedule); a centralized epoch that stands for a round uses them too (``facefl bench``)."""
+    factor = cfg.lr_factor(server_round)
+    return {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size, "lr": cfg.embedding_lr * factor,
+            "backbone_lr": cfg.backbone_lr * factor or None, "optimizer": cfg.embedding_optimizer, "loss": cfg.loss,
+            "margin": cfg.margin, "scale": cfg.scale, "augment": cfg.augment,
+            "feature_cache": Path(cfg.cache_dir or default_cache_dir()) / FEATURES_DIR}
+
+
 IMAGE_SKIPS = ("unreadable", "not-an-image", "no-face")
 IDENTITY_SKIPS = ("too-few-images", "missing-identity")
 
@@ -173,14 +183,9 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
         head = MarginHead(cfg.embedding_dim, train.num_identities)
         if state.head is not None and state.head.get("weight", torch.empty(0)).shape == head.weight.shape:
             head.load_state_dict(state.head)
-        factor = cfg.lr_factor(server_round)
-        res = train_embedding(models.embedding, head, train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                              lr=cfg.embedding_lr * factor, loss=cfg.loss, margin=cfg.margin, scale=cfg.scale,
-                              augment=cfg.augment, dp=dp,
-                              proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed,
-                              feature_cache=Path(cfg.cache_dir or default_cache_dir()) / FEATURES_DIR,
-                              backbone_lr=cfg.backbone_lr * factor or None, optimizer=cfg.embedding_optimizer,
-                              optimizer_state=state.optimizer)
+        res = train_embedding(models.embedding, head, train, dp=dp, seed=seed, optimizer_state=state.optimizer,
+                              proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+                              **embedding_settings(cfg, server_round))
         mechanisms += res.mechanisms
         state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         state.optimizer = res.optimizer_state

@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from client.site import FEATURES_DIR
+from client.site import embedding_settings
 from client.train import DPSettings, EmbeddingClassifier, _privatize, normalize, quiet_opacus, train_embedding
 from common.atomic import atomic_write_json
 from common.config import RunConfig
@@ -35,7 +35,6 @@ from common.data.sources import ProtocolData, protocol_data, training_identities
 from common.models.embedding import build_embedding_model
 from common.models.federated import build_models
 from common.models.losses import MarginHead, margin_softmax_loss
-from common.weights import default_cache_dir
 from server.evaluate import evaluate_protocol
 
 
@@ -112,16 +111,12 @@ def centralized(cfg: RunConfig, epochs: int, protocol: ProtocolData, console: Co
     cfg = cfg.replace(num_rounds=epochs)
     models = build_models(cfg)
     head = MarginHead(cfg.embedding_dim, faces.num_identities)
-    features = Path(cfg.cache_dir or default_cache_dir()) / FEATURES_DIR
     start = time.perf_counter()
     res = None
     for epoch in range(1, epochs + 1):
-        factor = cfg.lr_factor(epoch)
-        res = train_embedding(models.embedding, head, faces, epochs=1, batch_size=cfg.batch_size,
-                              lr=cfg.embedding_lr * factor, backbone_lr=cfg.backbone_lr * factor or None,
-                              optimizer=cfg.embedding_optimizer, loss=cfg.loss, margin=cfg.margin, scale=cfg.scale,
-                              augment=cfg.augment, dp=None, seed=cfg.seed + epoch, feature_cache=features,
-                              optimizer_state=res.optimizer_state if res is not None else None)
+        res = train_embedding(models.embedding, head, faces, dp=None, seed=cfg.seed + epoch,
+                              optimizer_state=res.optimizer_state if res is not None else None,
+                              **{**embedding_settings(cfg, epoch), "epochs": 1})
         console.print(f"  centralized epoch {epoch}/{epochs}: loss {res.metrics['train-loss']:.3f}, train accuracy "
                       f"{res.metrics['train-accuracy']:.3f} ({time.perf_counter() - start:.0f} s)")
     seconds = time.perf_counter() - start
