@@ -17,13 +17,16 @@ from pathlib import Path
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.ghost_clipping import clipped_gradient_sum, closed_form_supported
 from common.atomic import atomic_torch_save
 from common.data.augment import AugmentConfig, augment_faces
 from common.data.faceset import FaceSet
-from common.models.losses import MarginHead, margin_softmax_loss, triplet_semihard_loss
+from common.models.losses import MarginHead, MarginSoftmaxLoss, margin_softmax_loss, triplet_semihard_loss
 from common.models.vae import Discriminator, lsgan_discriminator_loss, lsgan_generator_loss, vae_loss
 
 # The embedding's augmentation: mirror images and mild brightness/contrast, no rotation or shift. The faces are
@@ -65,7 +68,10 @@ def _empty_batch_step(optimizer, dp: DPSettings | None) -> None:
     if dp is None:
         return
     for p in optimizer.params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        if isinstance(optimizer, DPOptimizerFastGradientClipping):  # it noises the clipped sum in .grad
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
     optimizer.step()
 
 
@@ -193,6 +199,32 @@ def _privatize(model, optimizer, loader, dp: DPSettings, generator: torch.Genera
         )
 
 
+def _privatize_embedding(model: nn.Module, optimizer, loader, dp: DPSettings, generator: torch.Generator,
+                         criterion: nn.Module, *, closed_form: bool):
+    """(model, optimizer, loader, criterion) for DP-SGD training of an embedding with its margin head, clipped
+    without per-sample gradients (a margin head of C identities would cost a [B, C, D] tensor per step).
+
+    ``closed_form``: the model is left as it is and the caller puts the sum of clipped gradients in ``.grad``
+    (:func:`client.ghost_clipping.clipped_gradient_sum`); Opacus samples the batches and noises the sum, with the
+    sample rate and expected batch size ``make_private`` would use. Otherwise Opacus' ghost clipping: per-sample
+    norms from activations and backprops (the margin head's in closed form, see
+    ``common.models.losses._margin_head_norm_sample``) and a second, reweighted backward pass inside
+    ``criterion(cosine, labels).backward()``."""
+    if not closed_form:
+        engine = PrivacyEngine(accountant="rdp")  # its own accountant is unused: the site's ledger accounts.
+        with quiet_opacus():
+            model, optimizer, criterion, loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
+                noise_generator=generator, grad_sample_mode="ghost")
+        return model, optimizer, loader, criterion
+    sample_rate = 1 / len(loader)
+    optimizer = DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean", generator=generator)
+    return model, optimizer, DPDataLoader.from_data_loader(loader), criterion
+
+
 def _proximal_step(model: nn.Module, anchor: dict[str, torch.Tensor] | None, lr: float, mu: float) -> None:
     """FedProx: move towards the global weights, ``w -= lr * mu * (w - w_global)``.
 
@@ -228,8 +260,10 @@ def train_embedding(
     """Train ``backbone`` (federated) and ``head`` (site-private identity prototypes) on ``faces``.
 
     ``backbone_lr`` (default ``lr``) is the backbone's learning rate: a pretrained backbone is fine-tuned far more
-    gently than its new margin head learns. With ``dp`` set, both are trained with DP-SGD: per-sample gradients (Opacus) clipped to
-    ``dp.max_grad_norm``, Gaussian noise, Poisson sampling; ``loss`` must then be per-sample (arcface, cosface).
+    gently than its new margin head learns. With ``dp`` set, both are trained with DP-SGD: each sample's gradient
+    clipped to ``dp.max_grad_norm`` (ghost clipping, no per-sample gradient materialised: see
+    :func:`_privatize_embedding`), Gaussian noise, Poisson sampling; ``loss`` must then be per-sample (arcface,
+    cosface).
     A partly frozen pretrained backbone trains its head on the frozen trunk's features, computed once for each face
     and its mirror image (and kept in ``feature_cache``, see :func:`cached_trunk_features`); augmentation is then
     the mirror image only. The mechanism is the same: each example is a face, its gradient is clipped, and what
@@ -259,9 +293,12 @@ def train_embedding(
     opt = _optimizer(optimizer, [g for g in groups if g["params"]], lr)
     resumed = load_optimizer_state(opt, optimizer_state)
     loader = _loader(faces, batch_size, gen, by_index=split is not None)
+    criterion: nn.Module | None = MarginSoftmaxLoss(loss, margin, scale) if loss != "triplet" else None
+    closed_form = dp is not None and closed_form_supported(model.backbone)
     if dp is not None:
-        model, opt, loader = _privatize(model, opt, loader, dp, gen)
-    inner = model._module if dp is not None else model
+        model, opt, loader, criterion = _privatize_embedding(model, opt, loader, dp, gen, criterion,
+                                                             closed_form=closed_form)
+    inner = model._module if dp is not None and not closed_form else model
     last_epoch_started = False  # loss and accuracy are reported for the last local epoch
     steps, seen, processed, total_loss, correct = 0, 0, 0, 0.0, 0
     start = time.perf_counter()
@@ -273,17 +310,17 @@ def train_embedding(
             _empty_batch_step(opt, dp)
             continue
         x = inputs(images)
-        opt.zero_grad(set_to_none=True)
         if loss == "triplet":
+            opt.zero_grad(set_to_none=True)
             emb = inner.backbone(x)
             batch_loss = triplet_semihard_loss(emb, labels)
             with torch.no_grad():
                 cosine = inner.head(emb)
+            batch_loss.backward()
+            opt.step()
         else:
-            cosine = model(x)
-            batch_loss = margin_softmax_loss(cosine, labels, kind=loss, margin=margin, scale=scale)
-        batch_loss.backward()
-        opt.step()
+            cosine, batch_loss = embedding_step(model, opt, criterion, x, labels,
+                                                closed_form_clip=dp.max_grad_norm if closed_form else None)
         _proximal_step(inner, anchor, lr, proximal_mu)
         seen += len(labels)
         processed += len(labels)
@@ -304,6 +341,28 @@ def train_embedding(
         result.mechanisms.append((dp.noise_multiplier, 1.0 / steps_per_epoch(len(faces), batch_size), steps))
         _release_hooks(model)
     return result
+
+
+def embedding_step(model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Module, x: torch.Tensor,
+                   labels: torch.Tensor, *, closed_form_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of an :class:`EmbeddingClassifier` with a margin-softmax ``criterion``; returns
+    (cosine, mean loss), detached. Non-DP, or DP-SGD as :func:`_privatize_embedding` set it up: Opacus' ghost
+    clipping (inside ``criterion(...).backward()``), or with ``closed_form_clip`` (the clipping norm) the closed form
+    of :mod:`client.ghost_clipping` on the unwrapped model."""
+    opt.zero_grad(set_to_none=True)
+    if closed_form_clip is not None:
+        def per_sample(cosine: torch.Tensor) -> torch.Tensor:
+            return margin_softmax_loss(cosine, labels, kind=criterion.kind, margin=criterion.margin,
+                                       scale=criterion.scale, reduction="none")
+        cosine, losses = clipped_gradient_sum(model.backbone, model.head, x, per_sample, closed_form_clip)
+        loss = losses.mean()
+    else:
+        cosine = model(x)
+        batch_loss = criterion(cosine, labels)
+        batch_loss.backward()
+        cosine, loss = cosine.detach(), batch_loss.detach()
+    opt.step()
+    return cosine, loss
 
 
 def optimizer_state_to_flat(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

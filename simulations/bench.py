@@ -27,26 +27,27 @@ from rich.console import Console
 from rich.table import Table
 
 from client.site import embedding_settings
-from client.train import DPSettings, EmbeddingClassifier, _privatize, normalize, quiet_opacus, train_embedding
+from client.ghost_clipping import closed_form_supported
+from client.train import (DPSettings, EmbeddingClassifier, _privatize_embedding, embedding_step, normalize, quiet_opacus,
+                          train_embedding)
 from common.atomic import atomic_write_json
 from common.config import RunConfig
 from common.data.datasets import load_faces
 from common.data.sources import ProtocolData, protocol_data, training_identities
 from common.models.embedding import build_embedding_model
 from common.models.federated import build_models
-from common.models.losses import MarginHead, margin_softmax_loss
+from common.models.losses import MarginHead, MarginSoftmaxLoss
 from server.evaluate import evaluate_protocol
 
 
 def _side_by_side(make, x: torch.Tensor, labels: torch.Tensor, repeats: int) -> dict:
-    """Median images/s of one step of ``make(False)`` (plain) and ``make(True)`` (DP-SGD), same batch, interleaved
-    (the machine is shared and noisy); ``make`` returns ``(model, optimizer)``."""
-    def step(model, opt) -> float:
+    """Median images/s of one training step of ``make(False)`` (plain) and ``make(True)`` (DP-SGD), same batch,
+    interleaved (the machine is shared and noisy); ``make`` returns ``(model, optimizer, criterion, closed_form_clip)``
+    for :func:`client.train.embedding_step`, the step a site runs."""
+    def step(model, opt, criterion, clip) -> float:
         t = time.perf_counter()
         with quiet_opacus():
-            opt.zero_grad(set_to_none=True)
-            margin_softmax_loss(model(x), labels, kind="arcface", margin=0.3, scale=30.0).backward()
-            opt.step()
+            embedding_step(model, opt, criterion, x, labels, closed_form_clip=clip)
         return time.perf_counter() - t
 
     plain, private = make(False), make(True)
@@ -61,45 +62,55 @@ def _side_by_side(make, x: torch.Tensor, labels: torch.Tensor, repeats: int) -> 
             "dp_slowdown": plain_ips / dp_ips}
 
 
-def _private(model, opt, x: torch.Tensor, labels: torch.Tensor):
+def _step_setup(model: EmbeddingClassifier, x: torch.Tensor, labels: torch.Tensor, dp: bool):
+    """(model, optimizer, criterion, closed_form_clip) as train_embedding sets a site's step up, DP or not."""
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01, momentum=0.9)
+    criterion = MarginSoftmaxLoss("arcface", 0.3, 30.0)
+    if not dp:
+        return model, opt, criterion, None
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=len(x))
-    model, opt, _ = _privatize(model, opt, loader, DPSettings(1.0, 1.0), torch.Generator().manual_seed(0))
-    return model, opt
+    closed_form = closed_form_supported(model.backbone)
+    model, opt, _, criterion = _privatize_embedding(model, opt, loader, DPSettings(1.0, 1.0),
+                                                    torch.Generator().manual_seed(0), criterion,
+                                                    closed_form=closed_form)
+    return model, opt, criterion, 1.0 if closed_form else None
 
 
-def dp_cost(faces_images: torch.Tensor, *, batch_size: int = 64, repeats: int = 5, image_size: int = 64) -> dict:
-    """Median images/s of one training step of the compact model with and without DP-SGD (same batch)."""
+def dp_cost(faces_images: torch.Tensor, *, batch_size: int = 128, identities: int = 1000, repeats: int = 15,
+            image_size: int = 64) -> dict:
+    """Median images/s of one training step of the compact model from scratch, with a margin head of
+    ``identities`` (about a site's share of View 1's training people), with and without DP-SGD (same batch)."""
     torch.manual_seed(0)
-    x = normalize(faces_images[:batch_size].float().div(255.0))
-    labels = torch.arange(batch_size) % 16
+    x = normalize(faces_images[torch.arange(batch_size) % len(faces_images)].float().div(255.0))
+    labels = torch.arange(batch_size) % identities
 
     def make(dp: bool):
-        model = EmbeddingClassifier(build_embedding_model("compact", embedding_dim=128, dp=True), MarginHead(128, 16))
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        return _private(model, opt, x, labels) if dp else (model, opt)
+        torch.manual_seed(0)
+        model = EmbeddingClassifier(build_embedding_model("compact", embedding_dim=128, dp=True,
+                                                          image_size=image_size), MarginHead(128, identities))
+        return _step_setup(model, x, labels, dp)
 
-    return {**_side_by_side(make, x, labels, repeats), "image_size": image_size}
+    return {**_side_by_side(make, x, labels, repeats), "image_size": image_size, "identities": identities}
 
 
 def dp_cost_finetune(faces_images: torch.Tensor, *, part: str = "projection", batch_size: int = 256,
-                     repeats: int = 5) -> dict:
+                     identities: int = 1000, repeats: int = 15) -> dict:
     """Median images/s of one fine-tuning step of dlib's pretrained backbone (``part`` trains, on precomputed trunk
-    features, as a site trains it) with and without DP-SGD (same batch)."""
+    features, with a margin head of ``identities``, as a site trains it) with and without DP-SGD (same batch)."""
     from client.train import split_frozen, trunk_features
 
     torch.manual_seed(0)
-    labels = torch.arange(batch_size) % 64
+    labels = torch.arange(batch_size) % identities
     net = build_models(RunConfig(model="dlib-resnet", trainable=part)).embedding
     trunk, _ = split_frozen(net)
     x = trunk_features(trunk, faces_images[torch.arange(batch_size) % len(faces_images)])
 
     def make(dp: bool):
+        torch.manual_seed(0)
         fresh = build_models(RunConfig(model="dlib-resnet", trainable=part)).embedding
-        model = EmbeddingClassifier(split_frozen(fresh)[1], MarginHead(128, 64))
-        opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01)
-        return _private(model, opt, x, labels) if dp else (model, opt)
+        return _step_setup(EmbeddingClassifier(split_frozen(fresh)[1], MarginHead(128, identities)), x, labels, dp)
 
-    return {**_side_by_side(make, x, labels, repeats), "part": part}
+    return {**_side_by_side(make, x, labels, repeats), "part": part, "identities": identities}
 
 
 def centralized(cfg: RunConfig, epochs: int, protocol: ProtocolData, console: Console) -> dict:

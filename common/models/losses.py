@@ -11,7 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from torch import nn
 
 LOSSES = ("arcface", "cosface", "triplet")
@@ -75,6 +75,21 @@ def _margin_head_grad_sample(
     return {layer.weight: grad}
 
 
+@register_norm_sampler(MarginHead)
+def _margin_head_norm_sample(
+    layer: MarginHead, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of :class:`MarginHead` for Opacus' ghost clipping, without the [B, C, D] gradients:
+    row c of sample b's gradient is g_bc / |W_c| * (e_b - cos_bc w_c), of squared length g_bc^2 (1 - cos_bc^2) / |W_c|^2
+    (e_b and w_c are unit vectors)."""
+    emb = F.normalize(activations[0].to(backprops.dtype), dim=-1)  # [B, D]
+    weight = layer.weight.detach()
+    norms = weight.norm(dim=1).clamp_min(1e-12)  # [C]
+    cos = emb @ (weight / norms[:, None]).T  # [B, C]
+    squared = ((backprops / norms).square() * (1.0 - cos.square()).clamp_min(0.0)).sum(dim=1)
+    return {layer.weight: squared.sqrt()}
+
+
 def margin_softmax_loss(
     cosine: torch.Tensor,
     labels: torch.Tensor,
@@ -126,6 +141,20 @@ def margin_softmax_loss(
         with_margin = target_cos - m
     logits = cosine.scatter(1, labels[:, None], with_margin) * scale  # [B, C]
     return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+class MarginSoftmaxLoss(nn.Module):
+    """:func:`margin_softmax_loss` as a criterion ``(cosine, labels) -> loss`` with a ``reduction`` attribute, the
+    form Opacus' ghost clipping wraps (it sets ``reduction = "none"`` to get the per-sample losses)."""
+
+    def __init__(self, kind: str = "arcface", margin: float | None = None, scale: float = 30.0,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.kind, self.margin, self.scale, self.reduction = kind, margin, scale, reduction
+
+    def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return margin_softmax_loss(cosine, labels, kind=self.kind, margin=self.margin, scale=self.scale,
+                                   reduction=self.reduction)
 
 
 def triplet_semihard_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
