@@ -131,8 +131,12 @@ def trunk_features_and_mirror(trunk: nn.Module, images: torch.Tensor) -> torch.T
 def trunk_fingerprint(trunk: nn.Module) -> str:
     """SHA-256 of a trunk's weights and where it ends: equal fingerprints compute equal features."""
     digest = hashlib.sha256(str(getattr(trunk, "num_blocks", "")).encode())
-    for name, value in sorted(trunk.state_dict().items()):
+    state = trunk.state_dict()
+    for name, value in sorted(state.items()):
         digest.update(name.encode() + value.detach().contiguous().numpy().tobytes())
+    for name, value in sorted(trunk.named_buffers()):  # fixed buffers that are not saved (a scattering's filters)
+        if name not in state:
+            digest.update(name.encode() + value.detach().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 TASKS = ("embedding", "vae", "both")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-MODELS = ("compact", "inception", "dlib-resnet")
+MODELS = ("compact", "inception", "scatternet", "dlib-resnet")
 TRAINABLE = ("auto", "all", "last-stage", "projection")
 DLIB_CHIP_SIZE = 150  # dlib's face ResNet reads 150x150 dlib face chips
 LOSSES = ("arcface", "cosface", "triplet")
@@ -69,7 +69,7 @@ class RunConfig:
     lr_schedule: str = "cosine"  # cosine (decays over the planned rounds, to about 0 at the last) | constant
     backbone_lr: float = 0.0  # learning rate of the embedding backbone; 0 = lr (a pretrained one wants far less)
     vae_lr: float = 2e-4  # VAE (Adam)
-    model: str = "compact"  # compact | inception (from scratch) | dlib-resnet (dlib's pretrained face ResNet)
+    model: str = "compact"  # compact | inception | scatternet (from scratch) | dlib-resnet (pretrained face ResNet)
     trainable: str = "auto"  # which part trains: auto (dlib-resnet: last-stage, else all) | all | last-stage | projection
     embedding_dim: int = 128  # length of a face embedding
     weights_path: str = ""  # optional local pretrained weights for the embedding model ...

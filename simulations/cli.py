@@ -281,8 +281,9 @@ def bench_train(
     epsilons: str = typer.Option("8,2", help="Per-site epsilons of the DP runs (the from-scratch DP run uses the "
                                              "first)."),
     max_identities: int = typer.Option(0, help="Use only this many training identities (0 = all)."),
-    parts: str = typer.Option("dp-cost,pretrained,scratch", help="Comma-separated: dp-cost, pretrained, scratch, "
-                                                                  "vae."),
+    parts: str = typer.Option("dp-cost,pretrained,scratch", help="Comma-separated: dp-cost, pretrained, scratch "
+                                                                  "(the scattering network), compact (the compact "
+                                                                  "CNN from scratch), vae."),
     batch_size: int = typer.Option(256, help="Batch size of every training run (DP-SGD wants large batches)."),
     out: str = typer.Option("runs/bench", help="Folder for the benchmark's runs and its JSON summary."),
 ) -> None:

@@ -20,12 +20,12 @@ SCENARIOS: dict[str, Scenario] = {
                       sites=2, config={"task": "both", "num-rounds": 2, "dp": True}),
     "lfw-view1": Scenario(
         "LFW View 1: 4 sites share the peopleDevTrain identities (>= 2 images), verification on pairsDevTest, "
-        "DP at epsilon 8; the compact model from scratch with the recipe of `facefl bench train`.", sites=4,
-        config={"task": "embedding", "num-rounds": 20, "local-epochs": 1, "dp": True, "target-epsilon": 8.0,
-                "batch-size": 128, "margin": 0.2}),
+        "DP at epsilon 8; the scattering network from scratch with the recipe of `facefl bench train`.", sites=4,
+        config={"task": "embedding", "model": "scatternet", "num-rounds": 20, "local-epochs": 1, "dp": True,
+                "target-epsilon": 8.0, "batch-size": 256, "margin": 0.2}),
     "lfw-view1-nodp": Scenario("LFW View 1 without DP (baseline for lfw-view1).", sites=4,
-                               config={"task": "embedding", "num-rounds": 20, "dp": False, "batch-size": 128,
-                                       "margin": 0.2}),
+                               config={"task": "embedding", "model": "scatternet", "num-rounds": 20,
+                                       "dp": False, "batch-size": 128, "margin": 0.2}),
     "lfw-noniid": Scenario("LFW, 8 sites of very unequal size (Dirichlet alpha 0.3), FedProx, DP.", sites=8,
                            config={"task": "embedding", "num-rounds": 10, "partition": "dirichlet",
                                    "dirichlet-alpha": 0.3, "strategy": "fedprox", "proximal-mu": 0.01,

@@ -17,6 +17,7 @@ from torch import nn
 from common.config import ConfigError, RunConfig
 from common.models.dlib_resnet import DlibResNet, set_trainable
 from common.models.embedding import build_embedding_model
+from common.models.scattering import ScatterNet
 from common.models.vae import ConvVAE, VAEConfig
 
 EMBEDDING_PREFIX = "embedding."
@@ -77,6 +78,12 @@ def build_models(cfg: RunConfig, *, seed: int | None = None) -> FederatedModels:
     embedding = vae = None
     if cfg.trains_embedding and cfg.model == "dlib-resnet":
         embedding = build_dlib_backbone(cfg)
+    elif cfg.trains_embedding and cfg.model == "scatternet":
+        embedding = ScatterNet(cfg.embedding_dim, image_size=cfg.image_size)
+        if cfg.weights_path:
+            from common.weights import load_state_dict_checked
+
+            embedding.load_state_dict(load_state_dict_checked(cfg.weights_path, cfg.weights_sha256))
     elif cfg.trains_embedding:
         embedding = build_embedding_model(
             cfg.model,
