@@ -136,8 +136,10 @@ def centralized(cfg: RunConfig, epochs: int, protocol: ProtocolData, console: Co
             "identities": faces.num_identities}
 
 
-def federated(cfg: RunConfig, sites: int, out: Path, name: str, protocol: ProtocolData, console: Console) -> dict:
-    """A simulated federation of ``sites`` sites, its final global model scored on the test protocol."""
+def federated(cfg: RunConfig, sites: int, out: Path, name: str, protocol: ProtocolData | None,
+              console: Console) -> dict:
+    """A simulated federation of ``sites`` sites, its final face model scored on the test ``protocol`` (none for a
+    VAE-only run)."""
     from server.rundir import load_run_models
     from simulations.simulate import prepare_config, simulate
 
@@ -149,7 +151,7 @@ def federated(cfg: RunConfig, sites: int, out: Path, name: str, protocol: Protoc
     eps = [p.get("epsilon", 0.0) for p in metrics.get("privacy", {}).values()]
     result = {"seconds": seconds, "run_dir": str(run_dir), "max_epsilon": max(eps) if eps else 0.0,
               "history": [{"round": r["round"], **r["global"]} for r in metrics["rounds"]]}
-    if cfg.trains_embedding:
+    if cfg.trains_embedding and protocol is not None:
         _, models, _ = load_run_models(str(run_dir))
         result.update(evaluate_protocol(models.embedding.eval(), protocol))
     last = metrics["rounds"][-1]["global"]
@@ -281,9 +283,9 @@ def run_bench(*, data: str, rounds: int, scratch_rounds: int, sites: int, epsilo
 
     if "vae" in parts:
         vae_cfg = base.replace(task="vae")
-        vae = {"federated non-DP": federated(vae_cfg.replace(dp=False), sites, out, "vae-nodp", console),
+        vae = {"federated non-DP": federated(vae_cfg.replace(dp=False), sites, out, "vae-nodp", None, console),
                f"federated DP eps={epsilon:g}": federated(vae_cfg.replace(dp=True, target_epsilon=epsilon), sites,
-                                                           out, "vae-dp", console)}
+                                                           out, "vae-dp", None, console)}
         report["vae"] = vae
         table = Table(title=f"VAE on held-out LFW faces (peopleDevTest), 64x64, {sites} sites, {rounds} rounds")
         for col in ("setting", "PSNR dB", "SSIM", "max site epsilon", "wall-clock s"):
