@@ -32,7 +32,7 @@ from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 from common.models.embedding import DPConv2d
-from common.models.losses import MarginHead
+from common.models.losses import MarginHead, margin_head_squared_norms
 
 
 def closed_form_supported(backbone: nn.Module) -> bool:
@@ -75,8 +75,7 @@ def clipped_gradient_sum(
     (dz,) = torch.autograd.grad(cosine, z, g, retain_graph=True)  # [B, D]: row i is dL_i/dz_i
     with torch.no_grad():
         cos = cosine.detach()
-        row_norms = head.weight.norm(dim=1).clamp_min(1e-12)  # [C], as F.normalize's eps
-        head_sq = ((g / row_norms).square() * (1.0 - cos.square()).clamp_min(0.0)).sum(dim=1)
+        head_sq = margin_head_squared_norms(head.weight, cos, g)
         projection_sq = features.square().sum(dim=1) * dz.square().sum(dim=1)
         coef = (max_grad_norm / ((head_sq + projection_sq).sqrt() + 1e-6)).clamp(max=1.0)  # [B], as Opacus clips
     (head_grad,) = torch.autograd.grad(cosine, head.weight, g * coef[:, None])  # [C, D]

@@ -84,10 +84,16 @@ def _margin_head_norm_sample(
     (e_b and w_c are unit vectors)."""
     emb = F.normalize(activations[0].to(backprops.dtype), dim=-1)  # [B, D]
     weight = layer.weight.detach()
-    norms = weight.norm(dim=1).clamp_min(1e-12)  # [C]
-    cos = emb @ (weight / norms[:, None]).T  # [B, C]
-    squared = ((backprops / norms).square() * (1.0 - cos.square()).clamp_min(0.0)).sum(dim=1)
-    return {layer.weight: squared.sqrt()}
+    cos = emb @ F.normalize(weight, dim=1).T  # [B, C]
+    return {layer.weight: margin_head_squared_norms(weight, cos, backprops).sqrt()}
+
+
+def margin_head_squared_norms(weight: torch.Tensor, cos: torch.Tensor, grad_cos: torch.Tensor) -> torch.Tensor:
+    """Squared length of each sample's gradient with respect to a :class:`MarginHead`'s ``weight`` [C, D], from its
+    cosines ``cos`` [B, C] and the loss gradient ``grad_cos`` = dL_b/dcos [B, C]: sum_c g_bc^2 (1 - cos_bc^2) / |W_c|^2.
+    """
+    norms = weight.detach().norm(dim=1).clamp_min(1e-12)  # [C], as F.normalize's eps
+    return ((grad_cos / norms).square() * (1.0 - cos.square()).clamp_min(0.0)).sum(dim=1)  # [B]
 
 
 def margin_softmax_loss(
