@@ -25,6 +25,16 @@ from common.models.losses import MarginHead
 from common.models.vae import Discriminator
 from common.weights import default_cache_dir
 
+
+@functools.lru_cache(maxsize=2)
+def _perceptual_loss(cfg: RunConfig):
+    """The VAE's perceptual term on dlib's pretrained face ResNet (loaded once per process)."""
+    from common.models.face_perceptual import FacePerceptualLoss
+    from common.models.federated import build_dlib_backbone
+
+    return FacePerceptualLoss(build_dlib_backbone(cfg.replace(model="dlib-resnet", weights_path="",
+                                                              weights_sha256="")))
+
 log = logging.getLogger("facefl.site")
 
 HEAD_FILE = "margin_head.pt"
@@ -198,9 +208,13 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
             disc = Discriminator(image_size=cfg.image_size)
             if state.discriminator is not None:
                 disc.load_state_dict(state.discriminator)
-        res = train_vae(models.vae, train, epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.vae_lr,
-                        beta=cfg.vae_beta, recon=cfg.vae_recon, augment=cfg.augment, dp=dp, discriminator=disc,
-                        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed + 1)
+        vae_dp = DPSettings(dp.noise_multiplier, cfg.vae_max_grad_norm) if dp is not None else None
+        res = train_vae(models.vae, train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                        lr=cfg.vae_learning_rate, beta=cfg.vae_beta, recon=cfg.vae_recon, augment=cfg.augment,
+                        dp=vae_dp, discriminator=disc,
+                        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed + 1,
+                        perceptual=_perceptual_loss(cfg) if cfg.vae_perceptual else None,
+                        perceptual_weight=cfg.vae_perceptual)
         mechanisms += res.mechanisms
         if disc is not None:
             state.discriminator = {k: v.detach().clone() for k, v in disc.state_dict().items()}

@@ -458,11 +458,15 @@ def train_vae(
     adversarial_weight: float = 0.05,
     proximal_mu: float = 0.0,
     seed: int = 0,
+    perceptual: nn.Module | None = None,
+    perceptual_weight: float = 0.0,
 ) -> LocalResult:
     """Train the VAE (and, when given, its site-private discriminator: VAE-GAN with a least-squares loss).
 
     Under DP both networks get DP-SGD, each with its own Poisson sampling of the site's faces; that is two
-    mechanisms per step, both recorded for the ledger.
+    mechanisms per step, both recorded for the ledger. ``perceptual`` (a frozen per-sample distance such as
+    :class:`common.models.face_perceptual.FacePerceptualLoss`) adds ``perceptual_weight`` times its batch mean; it
+    has no trainable weights, so it needs no mechanism of its own.
     """
     gen = torch.Generator().manual_seed(seed)
     anchor = {k: v.detach().clone() for k, v in vae.named_parameters()} if proximal_mu else None
@@ -500,6 +504,8 @@ def train_vae(
         optimizer.zero_grad(set_to_none=True)
         out, mu, logvar = model(x)
         batch_loss = vae_loss(out, x, mu, logvar, beta=beta, recon=recon)
+        if perceptual is not None and perceptual_weight:
+            batch_loss = batch_loss + perceptual_weight * perceptual(out, x).mean()
         if d_model is not None:
             # The discriminator is frozen for the generator step, from its forward to after the backward.
             _set_requires_grad(d_model, False)

@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure functions of tensors: face verification and image quality."""
+"""Evaluation metrics as pure functions of tensors: face verification, image quality, Frechet distance."""
 
 from __future__ import annotations
 
@@ -177,3 +177,22 @@ def image_quality(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[
     psnr = 10.0 * torch.log10(1.0 / mse)  # inf where mse == 0
     ssim = structural_similarity_index_measure(reconstruction, original, data_range=1.0)
     return {"psnr": float(psnr.mean()), "ssim": float(ssim)}
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two sets of feature vectors.
+
+    ``|m_a - m_b|^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2)``, the formula of FID (Heusel et al. 2017), here on
+    whatever features are given (float [N, D] and [M, D], N, M >= 2; unbiased covariances, float64). Matrix square
+    roots come from symmetric eigendecompositions, with eigenvalues rounded below zero clipped to zero.
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
+        raise ValueError(f"frechet_distance needs two [N, D] feature sets (N >= 2, same D), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}.")
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    mean_term = float((a.mean(0) - b.mean(0)).square().sum())
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    root_a = (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return mean_term + float(torch.trace(cov_a) + torch.trace(cov_b) - 2.0 * cross)

@@ -12,6 +12,7 @@ from client.train import normalize, split_frozen, trunk_features_and_mirror, tru
 from common.data.sources import EvalData, ProtocolData
 from common.metrics import image_quality, pair_scores, verification_metrics
 from common.models.federated import FederatedModels
+from server.face_judge import FaceJudge, judge_vae
 
 
 @torch.no_grad()
@@ -62,21 +63,29 @@ def _head_embed(head: nn.Module, features: torch.Tensor, flip: bool, batch_size:
 
 
 @torch.no_grad()
-def evaluate_vae(vae: nn.Module, faces: torch.Tensor, batch_size: int = 128) -> dict[str, float]:
-    """PSNR and SSIM of reconstructions (posterior means) of held-out faces."""
+def evaluate_vae(vae: nn.Module, faces: torch.Tensor, batch_size: int = 128, *, judge: FaceJudge | None = None,
+                 reference: torch.Tensor | None = None, cache: dict | None = None) -> dict[str, float]:
+    """PSNR and SSIM of reconstructions (posterior means) of held-out faces; with a ``judge``, also the face-aware
+    metrics of :func:`server.face_judge.judge_vae` (``reference``: disjoint real faces for the Frechet floor)."""
     vae.eval()
     x = faces.float().div(255.0)
     recon = torch.cat([vae.decode(vae.encode(x[i : i + batch_size])[0]) for i in range(0, len(x), batch_size)])
-    return image_quality(x, recon)
+    metrics = image_quality(x, recon)
+    if judge is not None and len(faces) >= 2:
+        metrics.update(judge_vae(vae, judge, faces, reference, cache=cache))
+    return metrics
 
 
-def evaluate_global(models: FederatedModels, data: EvalData) -> dict[str, float]:
-    """All global metrics of a round, prefixed by model (``embedding/accuracy``, ``vae/psnr``, ...)."""
+def evaluate_global(models: FederatedModels, data: EvalData, judge: FaceJudge | None = None) -> dict[str, float]:
+    """All global metrics of a round, prefixed by model (``embedding/accuracy``, ``vae/psnr``, ...); the VAE's
+    face-aware metrics need the ``judge``."""
     metrics: dict[str, float] = {}
     if models.embedding is not None:
         metrics.update({f"embedding/{k}": float(v) for k, v in evaluate_embedding(models.embedding, data).items()})
     if models.vae is not None:
-        metrics.update({f"vae/{k}": float(v) for k, v in evaluate_vae(models.vae, data.faces).items()})
+        metrics.update({f"vae/{k}": float(v) for k, v in evaluate_vae(models.vae, data.faces, judge=judge,
+                                                                      reference=data.reference,
+                                                                      cache=data.cache).items()})
     return metrics
 
 

@@ -12,7 +12,9 @@ from common.audit import AuditLog, app_hash
 from common.config import RunConfig
 from common.data.sources import eval_data
 from common.models.federated import build_models
+from common.weights import default_cache_dir
 from server.evaluate import evaluate_global
+from server.face_judge import load_face_judge
 from server.rundir import RunDirectory, default_run_dir
 from server.secure_rounds import run_secure_rounds
 from server.strategy import build_strategy
@@ -92,6 +94,7 @@ def run_federation(grid, cfg: RunConfig) -> Path:
 
     data = eval_data(cfg)
     run.metrics["run"]["evaluation"] = data.description
+    judge = load_face_judge(cfg.cache_dir or default_cache_dir()) if cfg.trains_vae else None
     strategy = build_strategy(cfg, reference, round_offset=start_round)
     if checkpoint and checkpoint.get("server_state"):
         strategy.load_server_state(checkpoint["server_state"])
@@ -104,7 +107,7 @@ def run_federation(grid, cfg: RunConfig) -> Path:
             return None  # this state was evaluated before the interruption
         current = arrays.to_torch_state_dict()
         models.load_state_dict(current)
-        metrics = evaluate_global(models, data)
+        metrics = evaluate_global(models, data, judge)
         report = strategy.reports.get(absolute)
         seconds = time.perf_counter() - timer["t"]
         run.record_round(absolute, metrics, seconds, strategy.train_metrics.get(absolute), report)

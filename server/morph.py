@@ -1,13 +1,15 @@
 """``facefl morph``: align two face photos, encode them with a run's VAE, interpolate in latent space, and write
 the sequence as an animated GIF and a PNG strip, every frame anonymized through the egress gate by default.
 
-Faces are framed the way the run's VAE saw its training faces: runs trained on an LFW root (centre crops, see
-``common.data.datasets.resolve_mode``) get the "LFW crop" 5-point template, other datasets the ArcFace alignment they
-were loaded with. Outputs are written atomically, and never over an input photo.
+Faces are framed the way the run's VAE saw its training faces (``aligned``: dlib's face chip, its central 80%).
+dlib's pretrained face ResNet then judges the path: each frame's descriptor distance to each source face, whether
+the end frames still match their sources, and the largest step between frames (``server.face_judge``). Outputs are
+written atomically, and never over an input photo.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +19,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.config import RunConfig
-from common.data.datasets import DataError, resolve_mode
+from common.data.datasets import ALIGNED_CROP_FRACTION, DataError, tighter_resized
+from common.data.dlib_chips import CHIP_PADDING, CHIP_SIZE, DlibChipper
 from common.data.preprocess import FaceAligner, lfw_crop_template, to_rgb
 from common.models.morphing import gif_bytes, loop_frames, placeholder, png_bytes, strip, to_pil, upscale, write_atomic
 from server.rundir import RunDirError, load_run_config, load_run_models
@@ -59,6 +62,12 @@ class MorphResult:
         Frames in the GIF loop (``2 * steps - 2`` with ping-pong).
     seconds : float
         Wall time of the whole morph.
+    to_a, to_b : list of float or None
+        dlib descriptor distance of each frame to source face A and to B (None when dlib's weights are missing).
+    ends_matched : bool or None
+        Whether dlib matches the first frame to A and the last to B (distance below 0.6).
+    max_step : float or None
+        Largest descriptor distance between consecutive frames (smooth: at most ``server.face_judge.MORPH_MAX_STEP``).
     """
 
     gif: Path
@@ -71,6 +80,10 @@ class MorphResult:
     withheld: int
     gif_frames: int
     seconds: float
+    to_a: list[float] | None = None
+    to_b: list[float] | None = None
+    ends_matched: bool | None = None
+    max_step: float | None = None
 
 
 def strip_path(out: str | Path) -> Path:
@@ -123,16 +136,18 @@ def check_run(run_dir: str | Path) -> RunConfig:
 
 
 def face_framing(cfg: RunConfig) -> str:
-    """``"crop"`` (LFW centre-crop framing) or ``"detect"`` (ArcFace alignment): how the run's training faces were
-    framed, decided as ``common.data.datasets.load_faces(mode="auto")`` decides it."""
+    """How the run's training faces were framed: ``cfg.face_mode`` (``"aligned"`` for every VAE run: the central
+    120 of the 150 pixels of dlib's face chip, as ``common.data.datasets.load_faces`` cuts them)."""
     if not cfg.data:
         log.warning("This run was trained on the synthetic smoke-test faces; a morph of photos will not look like "
                     "them (train with --data for real faces).")
-        return "detect"
-    if not Path(cfg.data).expanduser().is_dir():
-        log.warning("The run's dataset %s is not on this machine; assuming its faces were ArcFace-aligned photos. "
-                    "If it was LFW, the framing will differ from training.", cfg.data)
-    return resolve_mode("auto", Path(cfg.data).expanduser())
+    return cfg.face_mode
+
+
+@functools.lru_cache(maxsize=1)
+def _chipper() -> DlibChipper:
+    """dlib's chip cutter (HOG detector + 5-point landmarks), built once per process."""
+    return DlibChipper(CHIP_SIZE, padding=CHIP_PADDING)
 
 
 def read_photo(path: str | Path) -> Image.Image:
@@ -158,7 +173,7 @@ def read_photo(path: str | Path) -> Image.Image:
         raise DataError(f"{path} is not a readable image ({first}); pass a JPEG or PNG photo.") from None
 
 
-def prepare_face(path_or_image: str | Path | Image.Image, *, cfg: RunConfig, aligner: FaceAligner,
+def prepare_face(path_or_image: str | Path | Image.Image, *, cfg: RunConfig, aligner: FaceAligner | None = None,
                  framing: str | None = None) -> torch.Tensor:
     """Detect the largest face in a photo and frame it as the run's VAE was trained: float ``[3, S, S]`` in [0, 1].
 
@@ -168,17 +183,19 @@ def prepare_face(path_or_image: str | Path | Image.Image, *, cfg: RunConfig, ali
         The photo (read with :func:`read_photo` when a path).
     cfg : RunConfig
         The run's configuration: ``image_size`` is ``S``, ``data`` decides the framing (:func:`face_framing`).
-    aligner : FaceAligner
-        MTCNN aligner with ``image_size == cfg.image_size``.
-    framing : {"crop", "detect"}, optional
-        Override of :func:`face_framing` (computed from ``cfg`` when None).
+    aligner : FaceAligner, optional
+        MTCNN aligner with ``image_size == cfg.image_size`` (built when needed: ``crop`` and ``detect`` framing).
+    framing : {"aligned", "crop", "detect"}, optional
+        Override of :func:`face_framing` (computed from ``cfg`` when None). ``"aligned"`` cuts dlib's face chip
+        (HOG detector and 5-point landmarks) and keeps its central 80%; ``"crop"`` and ``"detect"`` align with MTCNN
+        to the LFW-crop or ArcFace template.
 
     Raises
     ------
     DataError
         When the file is unreadable or no face is found (the message names the file).
     """
-    if aligner.image_size != cfg.image_size:
+    if aligner is not None and aligner.image_size != cfg.image_size:
         raise ValueError(f"The aligner makes {aligner.image_size}-pixel faces but the run's VAE takes "
                          f"{cfg.image_size}; build FaceAligner({cfg.image_size}).")
     if isinstance(path_or_image, Image.Image):
@@ -186,9 +203,17 @@ def prepare_face(path_or_image: str | Path | Image.Image, *, cfg: RunConfig, ali
     else:
         name, img = str(path_or_image), read_photo(path_or_image)
     framing = framing or face_framing(cfg)
-    if framing not in ("crop", "detect"):
-        raise ValueError(f'framing must be "crop" or "detect", got {framing!r}.')
+    if framing not in ("aligned", "crop", "detect"):
+        raise ValueError(f'framing must be "aligned", "crop" or "detect", got {framing!r}.')
+    if framing == "aligned":
+        chip = _chipper().chip(img)
+        if not chip.found:
+            raise DataError(f"no face found in {name}; {_ONE_FACE_HINT}.")
+        if chip.num_faces > 1:
+            log.warning("%d faces in %s; morphing the largest.", chip.num_faces, name)
+        return tighter_resized(chip.face[None], ALIGNED_CROP_FRACTION, cfg.image_size)[0].float() / 255.0
     template = lfw_crop_template(cfg.image_size) if framing == "crop" else None
+    aligner = aligner or FaceAligner(cfg.image_size)
     try:
         result = aligner.align(img, template=template)
     except (RuntimeError, ValueError, IndexError) as exc:  # MTCNN on a degenerate image
@@ -245,13 +270,13 @@ def morph_images(image_a: str | Path, image_b: str | Path, *, run_dir: str | Pat
     cfg, models, ckpt_round = load_run_models(run_dir)
     if models.vae is None:  # check_run saw the config; this guards a checkpoint that lost its VAE
         raise RunDirError(f"{run_dir} holds no VAE; train a run with `facefl simulate --task vae` (or --task both).")
-    aligner = aligner or FaceAligner(cfg.image_size)
     framing = face_framing(cfg)
     a = prepare_face(image_a, cfg=cfg, aligner=aligner, framing=framing)
     b = prepare_face(image_b, cfg=cfg, aligner=aligner, framing=framing)
     with torch.inference_mode():
         decoded = models.vae.morph(a, b, steps=steps, mode=mode)  # [steps, 3, S, S] in [0, 1]
     alphas = [float(t) for t in torch.linspace(0.0, 1.0, steps)]
+    path = judge_morph(decoded, a, b, cfg) if framing == "aligned" else None
     frames = [upscale(to_pil(f), size) for f in decoded]
 
     released, withheld = len(frames), 0
@@ -263,7 +288,22 @@ def morph_images(image_a: str | Path, image_b: str | Path, *, run_dir: str | Pat
     return MorphResult(gif=gif_path, strip=strip_out, steps=steps, alphas=alphas, round=ckpt_round,
                        anonymized=gate is not None, released=released, withheld=withheld,
                        gif_frames=len(loop_frames(frames, pingpong=pingpong)),
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start,
+                       **({"to_a": path["to_a"], "to_b": path["to_b"], "ends_matched": path["ends-matched"] == 1.0,
+                           "max_step": path["max-step"]} if path else {}))
+
+
+def judge_morph(frames: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cfg: RunConfig) -> dict | None:
+    """dlib's verdict on a morph of ``aligned`` faces (frames [T, 3, S, S], sources [3, S, S], floats in [0, 1]):
+    :func:`server.face_judge.morph_metrics`, or None when dlib's weights are missing."""
+    from common.weights import default_cache_dir
+    from server.face_judge import load_face_judge, morph_metrics
+
+    judge = load_face_judge(cfg.cache_dir or default_cache_dir())
+    if judge is None:
+        return None
+    ends = judge.describe(torch.stack([a, b]))
+    return morph_metrics(judge.describe(frames)[None], ends[:1], ends[1:])
 
 
 def release_frames(frames: list[Image.Image], alphas: list[float], gate) -> tuple[list[Image.Image], int, int]:

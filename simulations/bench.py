@@ -10,7 +10,7 @@
    epsilon; the scattering network from scratch centralized non-DP, federated non-DP (IID and Dirichlet) and DP;
    the same four rows for the compact CNN with ``--parts compact``.
    Centralized training gets one epoch per federated round: the same passes over the data.
-3. ``vae``: PSNR/SSIM on held-out LFW faces at 64x64, federated non-DP and DP.
+The VAE has its own benchmark, ``facefl bench vae`` (``simulations.bench_vae``).
 
 Every figure is printed and written to ``<out>/bench.json``.
 """
@@ -226,7 +226,6 @@ def run_bench(*, data: str, rounds: int, scratch_rounds: int, sites: int, epsilo
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = str(Path(data).expanduser().resolve())
-    epsilon = epsilons[0]
     report: dict = {"data": data, "rounds": rounds, "scratch_rounds": scratch_rounds, "sites": sites,
                     "epsilons": list(epsilons), "torch_threads":
                     torch.get_num_threads(), "batch_size": batch_size}
@@ -281,20 +280,5 @@ def run_bench(*, data: str, rounds: int, scratch_rounds: int, sites: int, epsilo
             atomic_write_json(out / "bench.json", report)
         console.print(view1_table(view1, sites=sites, batch_size=batch_size))
 
-    if "vae" in parts:
-        vae_cfg = base.replace(task="vae")
-        vae = {"federated non-DP": federated(vae_cfg.replace(dp=False), sites, out, "vae-nodp", None, console),
-               f"federated DP eps={epsilon:g}": federated(vae_cfg.replace(dp=True, target_epsilon=epsilon), sites,
-                                                           out, "vae-dp", None, console)}
-        report["vae"] = vae
-        table = Table(title=f"VAE on held-out LFW faces (peopleDevTest), 64x64, {sites} sites, {rounds} rounds")
-        for col in ("setting", "PSNR dB", "SSIM", "max site epsilon", "wall-clock s"):
-            table.add_column(col)
-        for name, r in vae.items():
-            table.add_row(name, f"{r['vae_psnr']:.2f}", f"{r['vae_ssim']:.3f}",
-                          f"{r['max_epsilon']:.2f}" if "non-DP" not in name else "-",
-                          f"{r['seconds']:.0f}")
-        console.print(table)
-        atomic_write_json(out / "bench.json", report)
     console.print(f"wrote {out / 'bench.json'}")
     return report

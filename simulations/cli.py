@@ -4,7 +4,8 @@ Subcommands: ``simulate`` (a federation on this machine), ``evaluate`` (a run's 
 dataset's test protocol), ``scenarios`` (list named scenarios), ``data prepare``
 (preprocess and cache a face dataset), ``anonymize`` (stylize the faces in photos), ``style list|train|export``
 (stylizers), ``report`` (one HTML page per run, or several runs side by side), ``morph`` (a VAE morph between
-two photos), ``bench train`` (DP cost and LFW View-1) and ``bench anonymize`` (re-identification with dlib).
+two photos), ``bench train`` (DP cost and LFW View-1), ``bench vae`` (the VAE judged by dlib) and ``bench anonymize``
+(re-identification with dlib).
 """
 
 from __future__ import annotations
@@ -283,11 +284,11 @@ def bench_train(
     max_identities: int = typer.Option(0, help="Use only this many training identities (0 = all)."),
     parts: str = typer.Option("dp-cost,pretrained,scratch", help="Comma-separated: dp-cost, pretrained, scratch "
                                                                   "(the scattering network), compact (the compact "
-                                                                  "CNN from scratch), vae."),
+                                                                  "CNN from scratch). The VAE: `facefl bench vae`."),
     batch_size: int = typer.Option(256, help="Batch size of every training run (DP-SGD wants large batches)."),
     out: str = typer.Option("runs/bench", help="Folder for the benchmark's runs and its JSON summary."),
 ) -> None:
-    """DP cost; LFW View-1 face models (pretrained and from scratch; centralized, federated, federated DP); VAE."""
+    """DP cost; LFW View-1 face models (pretrained and from scratch; centralized, federated, federated DP)."""
     from simulations.bench import run_bench
 
     _setup_logging(False)
@@ -297,9 +298,44 @@ def bench_train(
         raise typer.BadParameter(f"--epsilons takes comma-separated numbers such as 8,2; got {epsilons!r}.")
     if not eps or min(eps) <= 0:
         raise typer.BadParameter(f"--epsilons needs at least one positive epsilon; got {epsilons!r}.")
+    part_list = [p.strip() for p in parts.split(",") if p.strip()]
+    unknown = sorted(set(part_list) - {"dp-cost", "pretrained", "scratch", "compact"})
+    if unknown:
+        raise typer.BadParameter(f"--parts: unknown {', '.join(unknown)}; choose from dp-cost, pretrained, scratch, "
+                                 "compact (the VAE has `facefl bench vae`).")
     run_bench(data=data, rounds=rounds, scratch_rounds=scratch_rounds, sites=sites, epsilons=eps,
-              max_identities=max_identities, parts=[p.strip() for p in parts.split(",") if p.strip()],
+              max_identities=max_identities, parts=part_list,
               out=Path(out), console=Console(width=160), batch_size=batch_size)
+
+
+@bench_app.command("vae")
+def bench_vae(
+    data: str = typer.Option(..., help="LFW root (with its protocol files)."),
+    rounds: int = typer.Option(3, help="Federated rounds of the 64 px runs (2 local epochs each)."),
+    rounds_128: int = typer.Option(2, help="Federated rounds of the 128 px runs."),
+    sites: int = typer.Option(4, help="Sites of each federation."),
+    epsilon: float = typer.Option(8.0, help="Per-site epsilon of the DP runs."),
+    sizes: str = typer.Option("64,128", help="Comma-separated image sizes: 64, 128."),
+    max_identities: int = typer.Option(0, help="Use only this many training identities (0 = all)."),
+    out: str = typer.Option("runs/bench-vae", help="Folder for the benchmark's runs and its JSON summary."),
+) -> None:
+    """The federated VAE, non-DP and DP, at 64 and 128 px: PSNR, SSIM, identity kept, Frechet distance in dlib's
+    descriptor space (with its real-vs-real floor), morph ends and smoothness."""
+    from simulations.bench_vae import run_vae_bench
+
+    _setup_logging(False)
+    try:
+        size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--sizes takes comma-separated sizes such as 64,128; got {sizes!r}.")
+    if not size_list or any(s not in (64, 128) for s in size_list):
+        raise typer.BadParameter(f"--sizes takes 64 and/or 128; got {sizes!r}.")
+    if epsilon <= 0:
+        raise typer.BadParameter(f"--epsilon must be positive; got {epsilon}.")
+    if rounds < 1 or rounds_128 < 1:
+        raise typer.BadParameter("--rounds and --rounds-128 must be at least 1.")
+    run_vae_bench(data=data, rounds={64: rounds, 128: rounds_128}, sites=sites, epsilon=epsilon, sizes=size_list,
+                  max_identities=max_identities, out=Path(out), console=Console(width=200))
 
 
 _STYLE_HELP = "A named style (see `facefl style list`) or the path of a painting."
@@ -513,6 +549,14 @@ def morph(
     console.print(f"morph: wrote {result.gif} and {result.strip}; {result.steps} frames ({result.gif_frames} in the "
                   f"loop), {privacy}; checkpoint round {result.round}; {result.seconds:.1f}s",
                   markup=False, highlight=False, soft_wrap=True)
+    if result.to_a is not None:
+        from server.face_judge import MORPH_MAX_STEP
+
+        distances = " ".join(f"{da:.2f}/{db:.2f}" for da, db in zip(result.to_a, result.to_b))
+        console.print(f"dlib descriptor distance of each frame to A/B (same person below 0.6): {distances}; ends "
+                      f"{'matched' if result.ends_matched else 'NOT matched'} to their photos; largest step "
+                      f"{result.max_step:.3f} ({'smooth' if result.max_step <= MORPH_MAX_STEP else 'NOT smooth'}: "
+                      f"bound {MORPH_MAX_STEP:g})", markup=False, highlight=False, soft_wrap=True)
     if not anonymize:
         console.print("warning: --no-anonymize: the frames are the VAE's decodings as they are and can show "
                       "recognisable faces of the people in the two photos; do not share them.",

@@ -39,6 +39,7 @@ class EvalData:
     same: torch.Tensor
     faces: torch.Tensor
     description: str
+    reference: torch.Tensor | None = None  # more held-out faces, disjoint from ``faces`` (the VAE's Frechet floor)
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -138,8 +139,9 @@ def eval_data(cfg: RunConfig, progress: bool = False) -> EvalData:
                                     cache_dir=_cache_dir(cfg),
                                     max_pairs=n_pairs)
         people = [name for name, _ in read_people_file(root / "peopleDevTest.txt")]
-        faces = _heldout_faces(cfg, people)
-        return EvalData(a, b, same, faces, f"LFW pairsDevTest.txt ({len(same)} pairs), peopleDevTest faces")
+        faces, reference = _heldout_faces(cfg, people)
+        return EvalData(a, b, same, faces, f"LFW pairsDevTest.txt ({len(same)} pairs), peopleDevTest faces",
+                        reference=reference)
     if not cfg.data:
         full = _synthetic(cfg.image_size, cfg.seed)
         _, held = split_heldout_identities(full.identities, cfg.heldout_fraction, cfg.seed)
@@ -154,16 +156,24 @@ def eval_data(cfg: RunConfig, progress: bool = False) -> EvalData:
     ia, ib, same = make_pairs(held_set, n_pairs or 1000, cfg.seed)
     faces = held_set.images[torch.randperm(len(held_set), generator=torch.Generator().manual_seed(cfg.seed))]
     return EvalData(held_set.images[ia], held_set.images[ib], same, faces[: cfg.eval_faces],
-                    f"{desc}, {len(same)} pairs")
+                    f"{desc}, {len(same)} pairs", reference=faces[cfg.eval_faces : 2 * cfg.eval_faces])
 
 
-def _heldout_faces(cfg: RunConfig, people: list[str]) -> torch.Tensor:
-    """The first ``eval-faces`` images of a seeded order of held-out people, one image per person first."""
-    chosen = _seeded_take(people, min(len(people), cfg.eval_faces), cfg.seed)
-    faces = load_faces(cfg.data, image_size=cfg.image_size, mode=cfg.face_mode, identities=chosen, min_images=1,
-                       cache_dir=_cache_dir(cfg), progress=False)
-    first = [int(torch.nonzero(faces.labels == k)[0]) for k in range(faces.num_identities)]
-    return faces.images[first][: cfg.eval_faces]
+def _heldout_faces(cfg: RunConfig, people: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first image of each of ``eval-faces`` held-out people taken in a seeded order, and of the next ``eval-faces``
+    people of that order (a disjoint reference set of real faces, for the VAE's Frechet-distance floor)."""
+    order = torch.randperm(len(people), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n = min(len(people), cfg.eval_faces)
+    sets = []
+    for chosen in (sorted(people[i] for i in order[:n]), sorted(people[i] for i in order[n : 2 * n])):
+        if not chosen:
+            sets.append(torch.empty(0, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8))
+            continue
+        faces = load_faces(cfg.data, image_size=cfg.image_size, mode=cfg.face_mode, identities=chosen, min_images=1,
+                           cache_dir=_cache_dir(cfg), progress=False)
+        first = [int(torch.nonzero(faces.labels == k)[0]) for k in range(faces.num_identities)]
+        sets.append(faces.images[first][: cfg.eval_faces])
+    return sets[0], sets[1]
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def build_models(cfg: RunConfig, *, seed: int | None = None) -> FederatedModels:
             weights_sha256=cfg.weights_sha256 or None,
         )
     if cfg.trains_vae:
-        vae = ConvVAE(VAEConfig(image_size=cfg.image_size, latent_dim=cfg.latent_dim, beta=cfg.vae_beta,
+        vae = ConvVAE(VAEConfig(image_size=cfg.image_size, latent_channels=cfg.latent_channels, beta=cfg.vae_beta,
                                 recon=cfg.vae_recon))
     return FederatedModels(embedding, vae)
 

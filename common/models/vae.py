@@ -1,8 +1,18 @@
-"""A compact convolutional VAE (optionally VAE-GAN) for face crops, DP-compatible by construction.
+"""A convolutional VAE (optionally VAE-GAN) for face crops with a spatial latent, DP-compatible by construction.
 
 Every layer is one Opacus computes per-sample gradients for: ``Conv2d``, ``Linear`` and ``GroupNorm``
 (no BatchNorm, which mixes the samples of a batch, and no ``ConvTranspose2d``, which has no per-sample
 gradient rule in Opacus: the decoder upsamples with nearest-neighbour ``Upsample`` followed by a ``Conv2d``).
+
+The latent
+----------
+The code of an ``S x S`` face is a ``[latent_channels, S/4, S/4]`` map (4 x 16 x 16 at 64 px, 4 x 32 x 32 at 128 px:
+12 times fewer numbers than the image), as in the first stage of latent-diffusion models. An earlier version encoded a
+face into one 128-long vector (through a 4 x 4 map and a Linear layer): on LFW it stalled near 20 dB PSNR after five
+epochs however the KL term was weighted, because one vector cannot hold where every feature of a face sits. A spatial
+code keeps the layout and encodes the content of each 4 x 4 patch in context, reaching 24 dB in three short
+epochs with a tenth of the parameters. Morphing still works in the latent space: frames decode straight lines (or
+great circles) between the two faces' codes, which on aligned faces blends features rather than pixels.
 
 Loss scaling
 ------------
@@ -11,10 +21,10 @@ The per-sample loss is the negative ELBO divided by the number of pixel values `
     loss_i = mean_pixels |recon_i - x_i|  (or squared, for ``recon="l2"``)  +  beta * KL_i / D
 
 where ``KL_i`` is the KL divergence of ``N(mu_i, exp(logvar_i))`` from ``N(0, I)`` summed over the latent
-dimensions, in nats. Dividing both terms by the same constant keeps ``beta`` at its textbook meaning
+elements, in nats. Dividing both terms by the same constant keeps ``beta`` at its textbook meaning
 (``beta = 1`` is the ELBO with a Laplace(b=1) likelihood for L1, a Gaussian with variance 1/2 for L2),
 makes the loss independent of the image size, and keeps it O(0.1): per-sample gradient norms then sit in
-the range of a DP clipping bound of about 1, and Adam at 2e-4 trains without retuning.
+the range of a DP clipping bound of about 1, and Adam trains without retuning.
 
 No I/O happens here: weights are loaded and saved elsewhere.
 """
@@ -29,8 +39,9 @@ from torch import nn
 
 SUPPORTED_IMAGE_SIZES = (64, 128)
 LOGVAR_MIN, LOGVAR_MAX = -10.0, 10.0
-_GROUPS = 8  # GroupNorm groups; every width is a multiple of base_channels, itself a multiple of 8.
-_DEEPEST = 4  # spatial size of the innermost feature map (4 x 4)
+LATENT_STRIDE = 4  # the latent map is 4 times smaller than the image along each side
+_GROUPS = 8  # GroupNorm groups
+_DEEPEST = 4  # spatial size of the discriminator's innermost feature map (4 x 4)
 
 
 @dataclass(frozen=True)
@@ -41,21 +52,22 @@ class VAEConfig:
     ----------
     image_size : int, default 64
         Side of the square RGB input, 64 or 128 pixels.
-    latent_dim : int, default 128
-        Size of the latent code.
+    latent_channels : int, default 4
+        Channels of the latent map, which is ``image_size / 4`` pixels a side.
     base_channels : int, default 32
-        Width of the full-resolution layers; widths double per halving of resolution below 32 px, up to
-        ``8 * base_channels`` at 4 x 4. A positive multiple of 8 (GroupNorm uses 8 groups).
-    beta : float, default 1.0
+        Width of the layers at 64 px resolution; widths double per halving of resolution (``base * 64 / r`` at
+        ``r`` px), so a 128 px model runs its full-resolution layers at half this width and costs about twice a
+        64 px one. A positive multiple of 16 (GroupNorm uses 8 groups at every width).
+    beta : float, default 0.1
         Weight of the KL term (beta-VAE); 0 gives a plain auto-encoder objective.
     recon : {"l1", "l2"}, default "l1"
         Reconstruction error, absolute or squared, averaged over pixel values.
     """
 
     image_size: int = 64
-    latent_dim: int = 128
+    latent_channels: int = 4
     base_channels: int = 32
-    beta: float = 1.0
+    beta: float = 0.1
     recon: str = "l1"
 
     def __post_init__(self) -> None:
@@ -63,17 +75,28 @@ class VAEConfig:
             raise ValueError(
                 f"The VAE image size should be one of {SUPPORTED_IMAGE_SIZES} pixels, got {self.image_size}."
             )
-        if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
-            raise ValueError(f"The latent dimension should be a positive integer, got {self.latent_dim!r}.")
-        _check_base_channels(self.base_channels)
+        if not isinstance(self.latent_channels, int) or self.latent_channels < 1:
+            raise ValueError(f"The latent channel count should be a positive integer, got {self.latent_channels!r}.")
+        if not isinstance(self.base_channels, int) or self.base_channels < 2 * _GROUPS \
+                or self.base_channels % (2 * _GROUPS):
+            raise ValueError(
+                f"The base channel count should be a positive multiple of {2 * _GROUPS} so that GroupNorm's "
+                f"{_GROUPS} groups divide every layer at 64 and 128 px, got {self.base_channels!r}."
+            )
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
             raise ValueError(f"The KL weight beta should be a finite non-negative number, got {self.beta!r}.")
         _check_recon(self.recon)
 
     @property
-    def num_downsamplings(self) -> int:
-        """Halvings from ``image_size`` down to 4 x 4 (4 at 64 px, 5 at 128 px)."""
-        return int(math.log2(self.image_size // _DEEPEST))
+    def latent_shape(self) -> tuple[int, int, int]:
+        """``(latent_channels, image_size / 4, image_size / 4)``."""
+        side = self.image_size // LATENT_STRIDE
+        return (self.latent_channels, side, side)
+
+    @property
+    def latent_size(self) -> int:
+        """Numbers in one latent code."""
+        return math.prod(self.latent_shape)
 
 
 def _check_base_channels(base_channels: int) -> None:
@@ -89,37 +112,49 @@ def _check_recon(recon: str) -> None:
         raise ValueError(f'The reconstruction loss should be "l1" or "l2", got {recon!r}.')
 
 
+def _vae_width(resolution: int, base_channels: int) -> int:
+    """Channels of the VAE at a spatial resolution: ``base`` at 64 px, doubling per halving (16 px: 4 x base)."""
+    return base_channels * 64 // resolution
+
+
 def _width(resolution: int, base_channels: int) -> int:
-    """Channels at a given spatial resolution: base at >= 32 px, doubling per halving below (x8 at 4 px)."""
+    """Channels of the discriminator: base at >= 32 px, doubling per halving below (x8 at 4 px)."""
     return base_channels * max(1, 32 // resolution)
 
 
 class ConvBlock(nn.Sequential):
-    """Conv2d -> GroupNorm -> activation; ``stride=2`` with a 4x4 kernel halves the resolution."""
+    """Conv2d -> GroupNorm -> activation; ``stride=2`` with a 4x4 kernel halves the resolution.
 
-    def __init__(self, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1, act: nn.Module | None = None):
+    ``norm=False`` drops the GroupNorm (and gives the convolution a bias): the VAE's plain blocks are unnormalised,
+    because normalising each image's features throws away its brightness and contrast, which the decoder must
+    then reproduce from nothing (on LFW it cost about 2.5 dB).
+    """
+
+    def __init__(self, c_in: int, c_out: int, *, kernel: int = 3, stride: int = 1, act: nn.Module | None = None,
+                 norm: bool = True):
         padding = (kernel - stride + 1) // 2  # 3x3/s1 -> 1, 4x4/s2 -> 1
-        super().__init__(
-            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
-            nn.GroupNorm(_GROUPS, c_out),
-            act if act is not None else nn.SiLU(),
-        )
+        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=not norm)]
+        if norm:
+            layers.append(nn.GroupNorm(_GROUPS, c_out))
+        layers.append(act if act is not None else nn.SiLU())
+        super().__init__(*layers)
 
 
 class UpsampleConvBlock(nn.Sequential):
-    """Nearest-neighbour x2 upsampling -> 3x3 Conv2d -> GroupNorm -> SiLU (in place of ConvTranspose2d)."""
+    """Nearest-neighbour x2 upsampling -> 3x3 Conv2d -> SiLU (in place of ConvTranspose2d), unnormalised."""
 
     def __init__(self, c_in: int, c_out: int):
-        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), *ConvBlock(c_in, c_out))
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), *ConvBlock(c_in, c_out, norm=False))
 
 
 class ConvVAE(nn.Module):
-    """Convolutional VAE mapping [B, 3, S, S] images in [0, 1] to a ``latent_dim`` Gaussian posterior.
+    """Convolutional VAE mapping [B, 3, S, S] images in [0, 1] to a Gaussian posterior over [C, S/4, S/4] maps.
 
-    Encoder: 3x3 stem, then one 4x4 stride-2 block per halving down to 4 x 4, flattened, then two Linear
-    heads for ``mu`` and ``logvar`` (clamped to [-10, 10]). Decoder: Linear to a [8*base, 4, 4] map, one
-    upsample-conv block per doubling, then a 3x3 Conv2d and a Sigmoid.
-    About 2.6 M parameters at 64 px with the default config.
+    Encoder: a 3x3 conv, two 4x4 stride-2 convs (each followed by SiLU), a GroupNorm and SiLU, then a 3x3 Conv2d to
+    ``mu`` and ``logvar`` (clamped to [-10, 10]). Decoder: a 3x3 conv from the code, two upsample-conv blocks, then a
+    3x3 Conv2d and a Sigmoid. No normalisation before the code (see :class:`ConvBlock`). With the default config:
+    272,267 parameters at 64 px, 72,139 at 128 px. Residual blocks at the latent resolution (GroupNorm inside) trained
+    worse on LFW (21.1 against 24.1 dB after two epochs on 2,000 faces) and were left out.
     """
 
     def __init__(self, config: VAEConfig | None = None):
@@ -127,39 +162,34 @@ class ConvVAE(nn.Module):
         self.config = config if config is not None else VAEConfig()
         cfg = self.config
         size, base = cfg.image_size, cfg.base_channels
-
-        layers: list[nn.Module] = [ConvBlock(3, _width(size, base))]
+        deep = size // LATENT_STRIDE
+        layers: list[nn.Module] = [ConvBlock(3, _vae_width(size, base), norm=False)]
         res = size
-        while res > _DEEPEST:
-            layers.append(ConvBlock(_width(res, base), _width(res // 2, base), kernel=4, stride=2))
+        while res > deep:
+            layers.append(ConvBlock(_vae_width(res, base), _vae_width(res // 2, base), kernel=4, stride=2,
+                                    norm=False))
             res //= 2
+        width = _vae_width(deep, base)
+        layers += [nn.GroupNorm(_GROUPS, width), nn.SiLU()]
         self.encoder = nn.Sequential(*layers)
-        self._deep_channels = _width(_DEEPEST, base)
-        flat = self._deep_channels * _DEEPEST * _DEEPEST
-        self.fc_mu = nn.Linear(flat, cfg.latent_dim)
-        self.fc_logvar = nn.Linear(flat, cfg.latent_dim)
+        self.to_posterior = nn.Conv2d(width, 2 * cfg.latent_channels, 3, padding=1)  # mu and logvar
 
-        self.fc_decode = nn.Linear(cfg.latent_dim, flat)
-        self.decode_norm = nn.Sequential(nn.GroupNorm(_GROUPS, self._deep_channels), nn.SiLU())
-        ups: list[nn.Module] = []
-        res = _DEEPEST
+        ups: list[nn.Module] = [ConvBlock(cfg.latent_channels, width, norm=False)]
         while res < size:
-            ups.append(UpsampleConvBlock(_width(res, base), _width(res * 2, base)))
+            ups.append(UpsampleConvBlock(_vae_width(res, base), _vae_width(res * 2, base)))
             res *= 2
         self.decoder = nn.Sequential(*ups)
-        self.to_rgb = nn.Sequential(nn.Conv2d(_width(size, base), 3, 3, padding=1), nn.Sigmoid())
+        self.to_rgb = nn.Sequential(nn.Conv2d(_vae_width(size, base), 3, 3, padding=1), nn.Sigmoid())
 
     # -- core -----------------------------------------------------------------------------------------------
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior parameters of images ``x`` [B, 3, S, S] in [0, 1]: ``(mu, logvar)``, each [B, latent_dim]."""
+        """Posterior parameters of images ``x`` [B, 3, S, S] in [0, 1]: ``(mu, logvar)``, each [B, C, S/4, S/4]."""
         s = self.config.image_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
             raise ValueError(f"ConvVAE expects images of shape [B, 3, {s}, {s}], got {tuple(x.shape)}.")
-        h = self.encoder(x).flatten(1)  # [B, 8*base*16]
-        mu = self.fc_mu(h)
-        logvar = self.fc_logvar(h).clamp(LOGVAR_MIN, LOGVAR_MAX)
-        return mu, logvar
+        mu, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=1)
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     @staticmethod
     def reparameterize(
@@ -177,17 +207,16 @@ class ConvVAE(nn.Module):
         return mu + torch.exp(0.5 * logvar) * eps
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, S, S] in [0, 1] from latent codes ``z`` [B, latent_dim]."""
-        if z.ndim != 2 or z.shape[1] != self.config.latent_dim:
-            raise ValueError(f"ConvVAE.decode expects [B, {self.config.latent_dim}] codes, got {tuple(z.shape)}.")
-        h = self.fc_decode(z).view(-1, self._deep_channels, _DEEPEST, _DEEPEST)  # [B, 8*base, 4, 4]
-        h = self.decoder(self.decode_norm(h))  # [B, base, S, S]
-        return self.to_rgb(h)
+        """Images [B, 3, S, S] in [0, 1] from latent codes ``z`` [B, C, S/4, S/4]."""
+        shape = self.config.latent_shape
+        if z.ndim != 4 or tuple(z.shape[1:]) != shape:
+            raise ValueError(f"ConvVAE.decode expects [B, {', '.join(map(str, shape))}] codes, got {tuple(z.shape)}.")
+        return self.to_rgb(self.decoder(z))
 
     def forward(
         self, x: torch.Tensor, eps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(recon, mu, logvar)``; pass ``eps`` [B, latent_dim] to fix the reparameterisation noise."""
+        """Return ``(recon, mu, logvar)``; pass ``eps`` (shaped like ``mu``) to fix the reparameterisation noise."""
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar, eps=eps)
         return self.decode(z), mu, logvar
@@ -200,7 +229,7 @@ class ConvVAE(nn.Module):
         if n < 1:
             raise ValueError(f"The number of samples should be positive, got {n}.")
         p = next(self.parameters())
-        z = torch.randn((n, self.config.latent_dim), generator=generator, device=p.device, dtype=p.dtype)
+        z = torch.randn((n, *self.config.latent_shape), generator=generator, device=p.device, dtype=p.dtype)
         with _eval_mode(self):
             return self.decode(z)
 
@@ -221,7 +250,7 @@ class ConvVAE(nn.Module):
         steps : int, default 11
             Number of frames (>= 2), at ``alpha = linspace(0, 1, steps)``.
         mode : {"linear", "slerp"}, default "linear"
-            Straight line or spherical interpolation (see :func:`interpolate`).
+            Straight line or spherical interpolation of the flattened codes (see :func:`interpolate`).
 
         Returns
         -------
@@ -240,9 +269,10 @@ class ConvVAE(nn.Module):
                 )
             imgs.append(img)
         with _eval_mode(self):
-            mu = self.encode(torch.cat(imgs))[0]  # [2, latent]
+            mu = self.encode(torch.cat(imgs))[0].flatten(1)  # [2, C*h*w]
             alphas = torch.linspace(0.0, 1.0, steps, device=mu.device, dtype=mu.dtype)
-            return self.decode(interpolate(mu[0], mu[1], alphas, mode=mode))
+            codes = interpolate(mu[0], mu[1], alphas, mode=mode)  # [steps, C*h*w]
+            return self.decode(codes.view(steps, *self.config.latent_shape))
 
 
 class _eval_mode:
@@ -303,7 +333,7 @@ def vae_loss_terms(
     """Per-sample terms of :func:`vae_loss`, unweighted, each [B].
 
     Returns ``(rec, kl)``: the reconstruction error of ``x_hat`` against ``x`` averaged over pixel values,
-    and the KL divergence of N(mu, exp(logvar)) from N(0, I) summed over latent dimensions, in nats.
+    and the KL divergence of N(mu, exp(logvar)) from N(0, I) summed over latent elements, in nats.
     """
     _check_recon(recon)
     if x_hat.shape != x.shape:
@@ -311,7 +341,7 @@ def vae_loss_terms(
     diff = x_hat - x
     err = diff.abs() if recon == "l1" else diff.square()
     rec = err.flatten(1).mean(1)  # [B]
-    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(1)  # [B]
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)  # [B]
     return rec, kl
 
 
@@ -332,7 +362,7 @@ def vae_loss(
     x_hat, x : torch.Tensor
         Reconstruction and input, [B, 3, S, S] in [0, 1] (the first output of :meth:`ConvVAE.forward`).
     mu, logvar : torch.Tensor
-        Posterior parameters, [B, latent_dim].
+        Posterior parameters, [B, ...] (a latent map or vector per sample).
     beta : float, default 1.0
         KL weight.
     recon : {"l1", "l2"}, default "l1"

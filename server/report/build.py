@@ -28,6 +28,8 @@ from PIL import Image
 from common.atomic import atomic_write_bytes, atomic_write_json, json_safe
 from common.data.datasets import DataError
 from common.data.sources import eval_data
+from common.weights import default_cache_dir
+from server.face_judge import load_face_judge
 from server.rundir import RunDirError, environment_info
 from server.report.evaluate import evaluate_embedding_pairs, models_from_state, vae_images
 from server.report.reader import RunData, read_run
@@ -130,7 +132,8 @@ def evaluate_run(data: RunData, gate, stats: GateStats | None, *, image_note: st
         if gate is None:
             section.evaluation_note = image_note or "Images are omitted: no egress gate."
             return section
-        images = vae_images(models.vae, held, seed=data.cfg.seed)
+        judge = load_face_judge(data.cfg.cache_dir or default_cache_dir())
+        images = vae_images(models.vae, held, seed=data.cfg.seed, judge=judge)
         who = data.name
         n = len(images.originals)
         rows = {
@@ -140,9 +143,13 @@ def evaluate_run(data: RunData, gate, stats: GateStats | None, *, image_note: st
             "Samples from the prior": release_images(gate, images.samples, purpose=f"report:{who}:sample",
                                                      stats=stats),
         }
-        morph = release_images(gate, images.morph, purpose=f"report:{who}:morph", stats=stats,
-                               captions=[f"α={a:.1f}" for a in images.morph_alphas])
-        section.vae = VaeSection(rows, morph, gif_from_tiles(morph), images.morph_alphas)
+        captions = [f"α={a:.1f}" for a in images.morph_alphas]
+        if images.morph_to_a is not None:
+            captions = [f"{c} · {da:.2f}/{db:.2f}" for c, da, db in zip(captions, images.morph_to_a,
+                                                                          images.morph_to_b)]
+        morph = release_images(gate, images.morph, purpose=f"report:{who}:morph", stats=stats, captions=captions)
+        section.vae = VaeSection(rows, morph, gif_from_tiles(morph), images.morph_alphas, images.morph_to_a,
+                                 images.morph_to_b)
         log.info("report %s: %d held-out faces, reconstructions, samples and %d morph frames through the gate",
                  who, n, len(morph))
     return section

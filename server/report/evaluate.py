@@ -14,6 +14,7 @@ from common.metrics import pair_scores, roc_curve, verification_metrics
 from common.models.federated import FederatedModels, build_models
 from common.data.sources import EvalData
 from server.evaluate import flip_embed
+from server.face_judge import FaceJudge, morph_metrics
 
 MORPH_STEPS = 11  # alpha = 0, 0.1, ..., 1
 
@@ -44,6 +45,8 @@ class VaeImages:
     samples: torch.Tensor
     morph: torch.Tensor
     morph_alphas: list[float]
+    morph_to_a: list[float] | None = None  # with a judge: each frame's descriptor distance to source face a
+    morph_to_b: list[float] | None = None
 
 
 def models_from_state(cfg: RunConfig, state: dict[str, torch.Tensor]) -> FederatedModels:
@@ -82,9 +85,10 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def vae_images(vae: torch.nn.Module, data: EvalData, *, count: int = 8, seed: int = 0,
-               morph_steps: int = MORPH_STEPS) -> VaeImages:
+               morph_steps: int = MORPH_STEPS, judge: FaceJudge | None = None) -> VaeImages:
     """Held-out faces and their reconstructions, ``count`` samples from the prior, and a morph between the two
-    people of the first mismatched held-out pair."""
+    people of the first mismatched held-out pair; with a ``judge``, each morph frame's descriptor distance to the two
+    source faces."""
     if morph_steps < 11:
         raise ValueError(f"A report morph has at least 11 frames (alpha step 0.1 or finer); got {morph_steps}.")
     originals = data.faces[:count]
@@ -95,4 +99,9 @@ def vae_images(vae: torch.nn.Module, data: EvalData, *, count: int = 8, seed: in
     a, b = data.pairs_a[index].float().div(255), data.pairs_b[index].float().div(255)
     frames = vae.morph(a, b, steps=morph_steps)
     alphas = [round(float(v), 4) for v in torch.linspace(0, 1, morph_steps)]
-    return VaeImages(originals, _to_uint8(recon), _to_uint8(samples), _to_uint8(frames), alphas)
+    images = VaeImages(originals, _to_uint8(recon), _to_uint8(samples), _to_uint8(frames), alphas)
+    if judge is not None:
+        ends = judge.describe(torch.stack([data.pairs_a[index], data.pairs_b[index]]))
+        path = morph_metrics(judge.describe(frames)[None], ends[:1], ends[1:])
+        images.morph_to_a, images.morph_to_b = path["to_a"], path["to_b"]
+    return images

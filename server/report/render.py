@@ -106,7 +106,7 @@ def _overview_column(section: RunSection) -> list[tuple[str, str]]:
                      f"at least {cfg.min_sites}"),
         ("Task(s)", {"both": "face embedding + VAE", "embedding": "face embedding", "vae": "VAE"}[cfg.task]
          + f"; {cfg.model} embedding ({cfg.embedding_dim}-d, {cfg.loss})" * cfg.trains_embedding
-         + f"; VAE latent {cfg.latent_dim}, β={cfg.vae_beta:g}" * cfg.trains_vae
+         + f"; VAE latent {cfg.latent_channels}×{cfg.image_size // 4}×{cfg.image_size // 4}, β={cfg.vae_beta:g}" * cfg.trains_vae
          + f"; {cfg.local_epochs} local epoch(s), batch {cfg.batch_size}, {cfg.image_size}px faces"),
         ("Differential privacy", _dp_text(section)),
         ("Wall-clock time", f"{wall / 60:.1f} min" if wall else "–"),
@@ -194,7 +194,13 @@ def learning_curves(sections: list[RunSection]) -> dict:
             _metric_chart(emb, tar_keys, "TAR at fixed FAR", "TAR"),
         ] if emb else None,
         "vae": [_metric_chart(vae, [("vae/psnr", "PSNR")], "VAE PSNR", "dB"),
-                _metric_chart(vae, [("vae/ssim", "SSIM")], "VAE SSIM", "SSIM")] if vae else None,
+                _metric_chart(vae, [("vae/ssim", "SSIM")], "VAE SSIM", "SSIM"),
+                _metric_chart(vae, [("vae/identity-kept", "identity kept"), ("vae/morph-ends-matched",
+                                                                             "morph ends matched")],
+                              "VAE faces dlib still recognizes", "share"),
+                _metric_chart(vae, [("vae/frechet-samples", "prior samples"), ("vae/frechet-recon", "reconstructions"),
+                                    ("vae/frechet-reference", "real vs real")],
+                              "Frechet distance in dlib's descriptor space", "distance")] if vae else None,
         "loss": loss,
     }
 
@@ -250,6 +256,24 @@ def embedding_eval(sections: list[RunSection]) -> dict | None:
     return {"evaluation": str(evaluated[0].data.run.get("evaluation", "")), "charts": charts, "rows": rows}
 
 
+VAE_QUALITY = (  # (metric, label, format) of the VAE's last evaluated round
+    ("vae/psnr", "PSNR (dB)", "{:.2f}"), ("vae/ssim", "SSIM", "{:.3f}"),
+    ("vae/identity-kept", "identity kept (dlib matches the reconstruction to its input)", "{:.1%}"),
+    ("vae/descriptor-distance", "mean descriptor distance, reconstruction to input (dlib's threshold: 0.6)", "{:.3f}"),
+    ("vae/frechet-samples", "Frechet distance in dlib's descriptor space: prior samples vs real faces", "{:.3f}"),
+    ("vae/frechet-recon", "the same for reconstructions", "{:.3f}"),
+    ("vae/frechet-reference", "the same between two disjoint sets of real held-out faces (the floor)", "{:.3f}"),
+    ("vae/morph-ends-matched", "morphs whose end frames dlib matches to their source faces", "{:.1%}"),
+    ("vae/morph-smooth", "morphs with no step between frames above 0.25 (descriptor units)", "{:.1%}"),
+)
+
+
+def vae_quality(final: dict[str, float]) -> list[tuple[str, str]]:
+    """``(label, value)`` rows of the VAE's face-aware metrics in a run's last round (those it has)."""
+    return [(label, fmt.format(final[key])) for key, label, fmt in VAE_QUALITY
+            if isinstance(final.get(key), (int, float)) and math.isfinite(final[key])]
+
+
 def vae_section(sections: list[RunSection], gif_names: dict[str, str]) -> list[dict] | None:
     """Per run with VAE images: its name (when several), rows of tiles, the morph and its GIF; None when none."""
     shown = [s for s in sections if s.vae is not None]
@@ -266,6 +290,8 @@ def vae_section(sections: list[RunSection], gif_names: dict[str, str]) -> list[d
             "step": f"{alphas[1] - alphas[0] if len(alphas) > 1 else 1.0:.2g}",
             "gif_uri": "data:image/gif;base64," + base64.b64encode(gif).decode() if gif is not None else "",
             "gif_name": gif_names.get(s.data.name, ""),
+            "quality": vae_quality(s.data.final_global()),
+            "judged_morph": s.vae.morph_to_a is not None,
         })
     return runs
 

@@ -32,6 +32,8 @@ class VaeSection:
     morph: list[Tile]
     morph_gif: bytes | None
     morph_alphas: list[float]
+    morph_to_a: list[float] | None = None  # dlib descriptor distance of each frame to each source face
+    morph_to_b: list[float] | None = None
 
 
 @dataclass
