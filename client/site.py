@@ -27,13 +27,18 @@ from common.weights import default_cache_dir
 
 
 @functools.lru_cache(maxsize=2)
-def _perceptual_loss(cfg: RunConfig):
-    """The VAE's perceptual term on dlib's pretrained face ResNet (loaded once per process)."""
+def _perceptual_loss(cache_dir: str):
+    """The VAE's perceptual term on dlib's pretrained face ResNet from the installed ``face-recognition-models``
+    package (converted once into ``cache_dir``, loaded by SHA-256; once per process)."""
+    from common.dlib_weights import cached_dlib_resnet
+    from common.models.dlib_resnet import DlibResNet
     from common.models.face_perceptual import FacePerceptualLoss
-    from common.models.federated import build_dlib_backbone
+    from common.weights import load_state_dict_checked
 
-    return FacePerceptualLoss(build_dlib_backbone(cfg.replace(model="dlib-resnet", weights_path="",
-                                                              weights_sha256="")))
+    path, sha256 = cached_dlib_resnet(cache_dir)
+    net = DlibResNet()
+    net.load_state_dict(load_state_dict_checked(path, sha256))
+    return FacePerceptualLoss(net)
 
 log = logging.getLogger("facefl.site")
 
@@ -213,7 +218,8 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
                         lr=cfg.vae_learning_rate, beta=cfg.vae_beta, recon=cfg.vae_recon, augment=cfg.augment,
                         dp=vae_dp, discriminator=disc,
                         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, seed=seed + 1,
-                        perceptual=_perceptual_loss(cfg) if cfg.vae_perceptual else None,
+                        perceptual=_perceptual_loss(str(cfg.cache_dir or default_cache_dir()))
+                        if cfg.vae_perceptual else None,
                         perceptual_weight=cfg.vae_perceptual)
         mechanisms += res.mechanisms
         if disc is not None:

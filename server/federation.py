@@ -29,6 +29,8 @@ def summarize(server_round: int, num_rounds: int, metrics: dict, privacy: dict, 
         parts.append(f"verif acc {metrics['embedding/accuracy']:.3f} auc {metrics['embedding/roc_auc']:.3f}")
     if "vae/psnr" in metrics:
         parts.append(f"vae psnr {metrics['vae/psnr']:.2f} ssim {metrics['vae/ssim']:.3f}")
+    if "vae/identity-kept" in metrics:
+        parts.append(f"identity kept {metrics['vae/identity-kept']:.2f}")
     eps = [p.get("epsilon", 0.0) for p in privacy.values()]
     if eps and max(eps) > 0:
         parts.append(f"eps max {max(eps):.2f}")

@@ -317,6 +317,8 @@ def bench_vae(
     epsilon: float = typer.Option(8.0, help="Per-site epsilon of the DP runs."),
     sizes: str = typer.Option("64,128", help="Comma-separated image sizes: 64, 128."),
     max_identities: int = typer.Option(0, help="Use only this many training identities (0 = all)."),
+    perceptual: float = typer.Option(0.0, help="Weight of the VAE's perceptual term (vae-perceptual) in every row; "
+                                                "0 = off (the default recipe)."),
     out: str = typer.Option("runs/bench-vae", help="Folder for the benchmark's runs and its JSON summary."),
 ) -> None:
     """The federated VAE, non-DP and DP, at 64 and 128 px: PSNR, SSIM, identity kept, Frechet distance in dlib's
@@ -334,7 +336,9 @@ def bench_vae(
         raise typer.BadParameter(f"--epsilon must be positive; got {epsilon}.")
     if rounds < 1 or rounds_128 < 1:
         raise typer.BadParameter("--rounds and --rounds-128 must be at least 1.")
-    run_vae_bench(data=data, rounds={64: rounds, 128: rounds_128}, sites=sites, epsilon=epsilon, sizes=size_list,
+    if perceptual < 0:
+        raise typer.BadParameter(f"--perceptual must be 0 or more; got {perceptual}.")
+    run_vae_bench(data=data, rounds={64: rounds, 128: rounds_128}, sites=sites, perceptual=perceptual, epsilon=epsilon, sizes=size_list,
                   max_identities=max_identities, out=Path(out), console=Console(width=200))
 
 

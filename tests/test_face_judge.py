@@ -97,14 +97,16 @@ def test_an_untrained_vae_is_judged_far_from_real_faces(judge, heldout) -> None:
     assert again["frechet-samples"] == pytest.approx(m["frechet-samples"])  # seeded prior samples
 
 
-def test_face_perceptual_loss_on_real_faces(judge, heldout) -> None:
+def test_face_perceptual_loss_on_real_faces(judge, heldout, cache_dir) -> None:
     """The LPIPS-like term: zero for the face itself, small for a slightly blurred copy, large for another person;
     one value per sample, gradients reach the reconstruction only, and it trains a VAE under DP-SGD."""
+    from client.site import _perceptual_loss
     from client.train import DPSettings, train_vae
     from common.data.faceset import FaceSet
     from common.models.face_perceptual import FacePerceptualLoss
 
-    loss = FacePerceptualLoss(judge.model)
+    loss = _perceptual_loss(str(cache_dir))  # as a site builds it for vae-perceptual > 0
+    assert isinstance(loss, FacePerceptualLoss)
     x = heldout.faces[:8].float() / 255.0
     blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
     assert torch.allclose(loss(x, x), torch.zeros(8), atol=1e-6)
@@ -116,7 +118,7 @@ def test_face_perceptual_loss_on_real_faces(judge, heldout) -> None:
     x_hat = blurred.clone().requires_grad_(True)
     loss(x_hat, x).sum().backward()
     assert x_hat.grad is not None and float(x_hat.grad.abs().sum()) > 0
-    assert all(p.grad is None for p in judge.model.parameters())
+    assert all(p.grad is None for p in loss.net.parameters())
 
     faces = FaceSet(heldout.faces[:16], torch.arange(16) // 2, tuple(str(i) for i in range(8)),
                     tuple(f"f{i}" for i in range(16)))
@@ -125,4 +127,4 @@ def test_face_perceptual_loss_on_real_faces(judge, heldout) -> None:
     res = train_vae(vae, faces, epochs=1, batch_size=8, lr=1e-3, dp=DPSettings(1.0, 0.2), perceptual=loss,
                     perceptual_weight=0.1)
     assert math.isfinite(res.metrics["train-loss"]) and len(res.mechanisms) == 1
-    assert all(not hasattr(p, "grad_sample") or p.grad_sample is None for p in judge.model.parameters())
+    assert all(not hasattr(p, "grad_sample") or p.grad_sample is None for p in loss.net.parameters())
