@@ -72,7 +72,11 @@ def _dp_text(section: RunSection) -> str:
                                             if p.get("sample_rate")}))
     delta = ", ".join(f"{x:.2e}" for x in sorted({p.get("delta", 0.0) for p in d.privacy.values()}))
     delta = delta or ("1/(10 N)" if not cfg.target_delta else f"{cfg.target_delta:g}")
-    return (f"DP-SGD (Opacus), noise multiplier σ={sig or '–'}, clip C={cfg.max_grad_norm:g}, "
+    clip = {"embedding": cfg.max_grad_norm if cfg.trains_embedding else None,
+            "VAE": cfg.vae_max_grad_norm if cfg.trains_vae else None}
+    clips = [f"{v:g} ({k})" for k, v in clip.items() if v is not None]
+    clip_text = clips[0].split(" ")[0] if len(clips) == 1 else ", ".join(clips)
+    return (f"DP-SGD (Opacus), noise multiplier σ={sig or '–'}, clip C={clip_text}, "
             f"sampling rate q={q or 'not recorded'} (Poisson), accountant {cfg.accountant.upper()}, "
             f"δ={delta}, budget ε={cfg.target_epsilon:g} per site")
 
