@@ -72,7 +72,7 @@ def evaluate_vae(vae: nn.Module, faces: torch.Tensor, batch_size: int = 128, *, 
     recon = torch.cat([vae.decode(vae.encode(x[i : i + batch_size])[0]) for i in range(0, len(x), batch_size)])
     metrics = image_quality(x, recon)
     if judge is not None and len(faces) >= 2:
-        metrics.update(judge_vae(vae, judge, faces, reference, cache=cache))
+        metrics.update(judge_vae(vae, judge, faces, reference, cache=cache, reconstructions=recon))
     return metrics
 
 

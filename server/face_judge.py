@@ -127,11 +127,11 @@ def morph_metrics(frames: torch.Tensor, source_a: torch.Tensor, source_b: torch.
 @torch.no_grad()
 def judge_vae(vae: nn.Module, judge: FaceJudge, faces: torch.Tensor, reference: torch.Tensor | None, *,
               cache: dict | None = None, morphs: int = 16, morph_steps: int = 11, seed: int = 0,
-              batch_size: int = 128) -> dict[str, float]:
+              batch_size: int = 128, reconstructions: torch.Tensor | None = None) -> dict[str, float]:
     """The face-aware metrics of a VAE on held-out ``faces`` (uint8 ``aligned`` crops [N, 3, S, S]).
 
     ``reference`` is a second, disjoint set of real held-out faces (as many as ``faces`` for a fair floor); without
-    it ``frechet-reference`` is left out. ``cache`` keeps the descriptors of the real faces between rounds. Morphs
+    it ``frechet-reference`` is left out. ``reconstructions`` (float [N, 3, S, S]) saves recomputing them. ``cache`` keeps the descriptors of the real faces between rounds. Morphs
     join faces ``2k`` and ``2k + 1`` for the first ``morphs`` pairs. Returns ``identity-kept``,
     ``descriptor-distance``, ``frechet-recon``, ``frechet-samples``, ``frechet-reference``, ``morph-ends-matched``,
     ``morph-max-step`` and ``morph-smooth``.
@@ -144,7 +144,8 @@ def judge_vae(vae: nn.Module, judge: FaceJudge, faces: torch.Tensor, reference: 
     real = cache["judge/faces"]
     vae.eval()
     x = faces.float().div(255.0)
-    recon = torch.cat([vae.reconstruct(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    recon = reconstructions if reconstructions is not None else torch.cat(
+        [vae.reconstruct(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     recon_desc = judge.describe(recon)
     metrics = identity_metrics(real, recon_desc)
     samples = vae.sample(len(faces), generator=torch.Generator().manual_seed(seed))
