@@ -104,16 +104,29 @@ def anonymize_files(paths: list[str], out_dir: str | os.PathLike, *, anonymizer:
     return summary
 
 
-def _one(src: Path, target: Path, anonymizer: Anonymizer, gate, refused_exc) -> FileOutcome:
+def _open(src: Path) -> Image.Image | str:
+    """The photo, upright (EXIF orientation applied), or a one-line reason it cannot be used."""
     try:
         with Image.open(src) as img:
             if img.width * img.height > MAX_PIXELS:
-                return FileOutcome(str(src), None, "error", f"image too large ({img.width}x{img.height} pixels, "
-                                   f"limit {MAX_PIXELS:,}); downscale it first")
+                return (f"image too large ({img.width}x{img.height} pixels, limit {MAX_PIXELS:,}); "
+                        "downscale it first")
             img.load()
-            img = ImageOps.exif_transpose(img)
+            return ImageOps.exif_transpose(img)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as exc:
-        return FileOutcome(str(src), None, "error", f"not a readable image ({str(exc).splitlines()[0]})")
+        return f"not a readable image ({str(exc).splitlines()[0]})"
+
+
+def read_image(src: str | os.PathLike) -> Image.Image | None:
+    """The photo at ``src`` as :func:`anonymize_files` reads it, or None when it cannot be used."""
+    img = _open(Path(src))
+    return img if isinstance(img, Image.Image) else None
+
+
+def _one(src: Path, target: Path, anonymizer: Anonymizer, gate, refused_exc) -> FileOutcome:
+    img = _open(src)
+    if isinstance(img, str):
+        return FileOutcome(str(src), None, "error", img)
     if gate is not None:
         try:
             released = gate.release(img, purpose=f"anonymize {src.name}")

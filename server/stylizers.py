@@ -19,15 +19,18 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from common.anonymization.styles import (DEFAULT_STYLE, StyleError, cache_root, load_stylizer, resolve_style,
-                                         save_stylizer, stylizer_cache_dir, stylizer_stem)
+from common.anonymization.styles import (DEFAULT_STYLE, NAMED_STYLES, StyleError, cache_root, load_shipped_stylizer, load_stylizer,
+                                         resolve_style, save_stylizer, shipped_stylizer, stylizer_cache_dir,
+                                         stylizer_stem)
 from common.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from common.data.datasets import IMAGE_EXTENSIONS, DataError, is_lfw_root, lfw_train_identities, list_identities
+from common.anonymization.face_prior import PRIOR_SIZE
 from common.data.preprocess import LFW_CROP_FRACTION, center_crop_face, image_to_tensor, to_rgb
 from common.weights import load_state_dict_checked, sha256_file
 
@@ -47,11 +50,13 @@ def region_fraction(margin: float) -> float:
 
 def anonymizer_settings(**overrides):
     """The training settings of the shipped named styles, the best point ``facefl bench anonymize`` measured: a
-    strong style weight (30; the library default of 5 keeps too much of the face), 900 steps at 128 px, the
-    identity term (weight 3) against the centred CompactFaceNet, and the MTCNN structure term (weight 0.3)."""
+    strong style weight (30; the library default of 5 keeps too much of the face), 900 steps at 128 px and the
+    MTCNN structure term at weight 1 (the face stays a face, landmarks in place). No identity term: the face prior
+    painted over every face before it is stylized removes identity (see common.anonymization.face_prior); the
+    term (against a from-scratch CompactFaceNet) stays available with ``identity_weight`` > 0."""
     from common.anonymization.style_train import StyleTrainSettings
 
-    base = StyleTrainSettings(style_weight=30.0, steps=900, identity_weight=3.0, structure_weight=0.3)
+    base = StyleTrainSettings(style_weight=30.0, steps=900, identity_weight=0.0, structure_weight=1.0)
     return dataclasses.replace(base, **overrides)
 
 
@@ -82,9 +87,7 @@ def training_faces(data: str | None, *, image_size: int, count: int, seed: int =
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DataError(f"Face data folder not found: {root}; pass --data an identity-folder dataset such as LFW.")
-    names = lfw_train_identities(root, min_images=1) if is_lfw_root(root) else list_identities(root)
-    files = sorted(p for name in names if (root / name).is_dir() for p in (root / name).iterdir()
-                   if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = _lfw_training_files(root)
     if not files:
         raise DataError(f"No images under {root}; pass --data a folder with one sub-folder of photos per person.")
     random.Random(seed).shuffle(files)
@@ -105,6 +108,87 @@ def training_faces(data: str | None, *, image_size: int, count: int, seed: int =
     if skipped:
         desc += f"; {skipped} unreadable files skipped"
     return torch.stack(crops), desc
+
+
+def _lfw_training_files(root: Path) -> list[Path]:
+    names = lfw_train_identities(root, min_images=1) if is_lfw_root(root) else list_identities(root)
+    return sorted(p for name in names if (root / name).is_dir() for p in (root / name).iterdir()
+                  if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+PRIOR_FACES = 1000  # faces averaged into the face prior
+
+
+def prior_training_faces(data: str | None, *, image_size: int, count: int, seed: int = 0,
+                         crop_fraction: float = TRAIN_CROP_FRACTION, prior_faces: int = PRIOR_FACES,
+                         log: Callable[[str], None] = print) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """Training crops for a stylizer with a face prior: ``(faces uint8 [N, 3, S, S], prior [3, 128, 128], desc)``.
+
+    MTCNN finds each training photo's face and 5 landmarks; the first ``prior_faces`` faces, aligned by their
+    landmarks, are averaged into the prior (:func:`common.anonymization.face_prior.fit_face_prior`); then every
+    photo gets the prior painted over its inner face, as the anonymizer will do, and is cropped like an anonymizer
+    region. Photos without a confident face are skipped (counted in ``desc``). With ``data`` None (the synthetic
+    smoke-test faces, which MTCNN does not see as faces) there is no prior: ``prior`` is None."""
+    from common.anonymization.anonymizer import pil_to_tensor, tensor_to_pil
+    from common.anonymization.face_prior import (calibrate_face_prior, fit_face_prior, paint_face_prior,
+                                                 prior_landmarks)
+    from common.data.preprocess import FaceAligner, align_to_template
+
+    if data is None:
+        faces, desc = training_faces(None, image_size=image_size, count=count, seed=seed, crop_fraction=crop_fraction)
+        return faces, None, desc
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Face data folder not found: {root}; pass --data an identity-folder dataset such as LFW.")
+    files = _lfw_training_files(root)
+    if not files:
+        raise DataError(f"No images under {root}; pass --data a folder with one sub-folder of photos per person.")
+    random.Random(seed).shuffle(files)
+    aligner = FaceAligner(min_score=0.9)
+    found: list[tuple[Path, np.ndarray]] = []
+    aligned: list[torch.Tensor] = []
+    skipped = 0
+    start = time.perf_counter()
+    for path in files:
+        if len(found) >= count:
+            break
+        try:
+            with Image.open(path) as img:
+                img = to_rgb(img)
+                boxes, scores, points = aligner.detect(img)
+                if len(scores) == 0:
+                    skipped += 1
+                    continue
+                best = int(np.argmax((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+                found.append((path, points[best].astype(np.float64)))
+                if len(aligned) < prior_faces:
+                    aligned.append(align_to_template(img, points[best], PRIOR_SIZE, prior_landmarks(PRIOR_SIZE)))
+        except (OSError, UnidentifiedImageError, ValueError):
+            skipped += 1
+        if len(found) % 500 == 0 and found:
+            log(f"  found the faces of {len(found)}/{count} training photos ({time.perf_counter() - start:.0f} s)")
+    if len(aligned) < 50:
+        raise DataError(f"MTCNN found a face in only {len(aligned)} photos under {root}; a face prior needs at least "
+                        "50. Pass --data a folder of face photos.")
+    prior = fit_face_prior(torch.stack(aligned))
+
+    def landmarks_of(image: torch.Tensor) -> np.ndarray | None:
+        boxes, scores, points = aligner.detect(tensor_to_pil(image))
+        return points[int(np.argmax(scores))] if len(scores) else None
+
+    prior, error = calibrate_face_prior(prior, landmarks_of)
+    log(f"face prior: the mean of {len(aligned)} aligned faces; MTCNN reads its landmarks {error:.2f} px (of "
+        f"{PRIOR_SIZE}) from the template after calibration")
+    crops = []
+    for path, landmarks in found:
+        with Image.open(path) as img:
+            painted = paint_face_prior(pil_to_tensor(img), landmarks[None], prior)
+        crops.append(center_crop_face(tensor_to_pil(painted), image_size, crop_fraction))
+    desc = (f"{len(crops)} faces from {root}" + (" (peopleDevTrain identities)" if is_lfw_root(root) else "")
+            + f", face prior painted over each (the mean of {len(aligned)} of them, aligned)")
+    if skipped:
+        desc += f"; {skipped} photos without a confident face or unreadable skipped"
+    return torch.stack(crops), prior, desc
 
 
 class IdentityProbe(nn.Module):
@@ -247,16 +331,32 @@ def identity_model(source: str, data: str | None, *, epochs: int = 4, crop_fract
 def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None = None, data: str | None = None,
                     settings=None, identity: str = "auto", out: str | None = None, retrain: bool = False,
                     faces_count: int = 3000, vgg19: str | None = None, vgg19_sha256: str | None = None,
-                    identity_epochs: int = 4, margin: float = DEFAULT_MARGIN,
-                    log: Callable[[str], None] = print) -> tuple[nn.Module, dict, Path]:
-    """Load the stylizer for ``style`` from the cache (or ``out``), training it first when it is not there.
+                    identity_epochs: int = 4, margin: float = DEFAULT_MARGIN, face_prior: bool = True,
+                    command: str | None = None, log: Callable[[str], None] = print) -> tuple[nn.Module, dict, Path]:
+    """Load the stylizer for ``style`` from the cache (or ``out``); else, when the default settings are asked for
+    (``settings`` None, no ``out``, no ``retrain``), the one that ships with facefl
+    (:func:`common.anonymization.styles.shipped_stylizer`; no painting needed); else train it (minutes).
+
+    ``face_prior``: fit a face prior on the training faces, paint it over their inner faces before training, and
+    store it with the stylizer (the anonymizer then paints it over every face before stylizing; see
+    :mod:`common.anonymization.face_prior`). ``identity`` is only used when ``settings.identity_weight`` > 0.
+    ``command``: the command line that asked for this training, recorded in the stylizer's description.
 
     Returns the model (eval mode), its description and the path of its weights."""
     from common.anonymization.style_train import train_stylizer
 
+    shipped_ok = settings is None and out is None and not retrain and shipped_stylizer(style, width) is not None
     settings = settings or anonymizer_settings()
-    name, style_path = resolve_style(style, styles_dir)
+    try:
+        name, style_path = resolve_style(style, styles_dir)
+    except StyleError:
+        if shipped_ok:  # no painting here (a phone, a hospital box): the shipped stylizer needs none
+            return load_shipped_stylizer(style, width)
+        raise
+    if settings.identity_weight == 0:
+        identity = "none"
     settings_key = {**dataclasses.asdict(settings), "identity": identity, "identity_centered": True,
+                    "face_prior": face_prior,
                     "identity_epochs": identity_epochs, "margin": margin,
                     "structure": "mtcnn-onet",
                     "vgg19": vgg19_sha256 if vgg19 else None,
@@ -270,12 +370,19 @@ def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None =
             return model, meta, stem.with_suffix(".pt")
         except StyleError as exc:
             log(f"{exc}; training it again")
+    if shipped_ok:
+        return load_shipped_stylizer(style, width)
     log(f"training the {width}-width stylizer for style {name!r} ({style_path.name}), {settings.steps} steps at "
         f"{settings.image_size} px; this happens once per style")
     style_img = load_style_image(style_path)
     crop = region_fraction(margin)
-    faces, faces_desc = training_faces(data, image_size=settings.image_size, count=faces_count, seed=settings.seed,
-                                       crop_fraction=crop)
+    if face_prior:
+        faces, prior, faces_desc = prior_training_faces(data, image_size=settings.image_size, count=faces_count,
+                                                        seed=settings.seed, crop_fraction=crop, log=log)
+    else:
+        faces, faces_desc = training_faces(data, image_size=settings.image_size, count=faces_count,
+                                           seed=settings.seed, crop_fraction=crop)
+        prior = None
     log(f"training faces: {faces_desc}")
     probe, probe_desc = identity_model(identity, data, epochs=identity_epochs, crop_fraction=crop, log=log)
     if probe is not None:
@@ -296,11 +403,14 @@ def ensure_stylizer(style: str, *, width: str = "half", styles_dir: str | None =
                                     structure_model=StructureProbe(box=min(1.0, LFW_BOX_FRACTION / crop))
                                     if settings.structure_weight > 0 else None,
                                     progress=progress)
+    model.set_face_prior(prior)
     meta = {"style": name, "style_file": str(style_path), "style_sha256": sha256_file(style_path),
             "width": width, "settings": dataclasses.asdict(settings), "training_faces": faces_desc,
             "identity_model": probe_desc, "history": history,
             "feature_net": f"VGG19 {vgg19} (sha256 {vgg19_sha256})" if vgg19 else "random multi-scale (seed 0)",
-            "seconds": round(time.perf_counter() - start, 1), "work_size": settings.image_size, "margin": margin}
+            "seconds": round(time.perf_counter() - start, 1), "work_size": settings.image_size, "margin": margin,
+            "face_prior": f"mean of aligned training faces, {PRIOR_SIZE}x{PRIOR_SIZE}" if prior is not None else None,
+            "command": command or f"ensure_stylizer({style!r}, width={width!r})"}
     path = save_stylizer(stem, model, meta)
     log(f"stylizer saved to {path}")
     return model.eval(), json.loads(stem.with_suffix(".json").read_text()), path
@@ -315,8 +425,7 @@ def build_anonymizer(*, method: str = "style", style: str = DEFAULT_STYLE, stren
                      gatys_steps: int = 150, log: Callable[[str], None] = print):
     """An :class:`common.anonymization.anonymizer.Anonymizer` from command-line choices (the stylizer is loaded or
     trained)."""
-    from common.anonymization.anonymizer import (Anonymizer, BlurFilter, GatysFilter, PixelateFilter, StyleFilter,
-                                                 WholeImageStyle)
+    from common.anonymization.anonymizer import Anonymizer, BlurFilter, GatysFilter, PixelateFilter
 
     if method not in METHODS:
         raise StyleError(f"Unknown method {method!r}; use one of {', '.join(METHODS)}.")
@@ -328,14 +437,27 @@ def build_anonymizer(*, method: str = "style", style: str = DEFAULT_STYLE, stren
         model, meta = load_stylizer(stylizer, stylizer_sha256)
     else:
         model, meta, _ = ensure_stylizer(style, width=width, styles_dir=styles_dir, data=data, log=log)
-    work = int(meta.get("work_size", 128))
     if method == "gatys":
-        _, style_path = resolve_style(meta.get("style_file") or style, styles_dir)
-        region = GatysFilter(load_style_image(style_path), steps=gatys_steps, work_size=work)
-    else:
-        region = StyleFilter(model, work_size=work, name=f"style-{meta.get('style', style)}")
-    return Anonymizer(region, whole_image=WholeImageStyle(model), strength=strength, no_face=no_face,
-                      margin=float(meta.get("margin", 0.25)))
+        named = meta.get("style") if meta.get("style") in NAMED_STYLES else None
+        _, style_path = resolve_style(named or meta.get("style_file") or style, styles_dir)
+        region = GatysFilter(load_style_image(style_path), steps=gatys_steps, work_size=int(meta.get("work_size", 128)))
+        return stylizer_anonymizer(model, meta, region_filter=region, strength=strength, no_face=no_face)
+    return stylizer_anonymizer(model, meta, strength=strength, no_face=no_face)
+
+
+def stylizer_anonymizer(model: nn.Module, meta: dict, *, region_filter=None, **options):
+    """The :class:`common.anonymization.anonymizer.Anonymizer` a trained stylizer describes: its working size,
+    face-region margin and face prior (when it has one), with ``options`` (strength, no_face, detector, ...)."""
+    from common.anonymization.anonymizer import Anonymizer, StyleFilter, WholeImageStyle
+    from common.anonymization.face_prior import FacePrior
+
+    if region_filter is None:
+        region_filter = StyleFilter(model, work_size=int(meta.get("work_size", 128)),
+                                    name=f"style-{meta.get('style', 'style')}")
+    prior = getattr(model, "face_prior", None)
+    face_prior = FacePrior(prior) if isinstance(prior, torch.Tensor) and prior.numel() else None
+    return Anonymizer(region_filter, whole_image=WholeImageStyle(model), margin=float(meta.get("margin", 0.25)),
+                      face_prior=face_prior, **options)
 
 
 def default_recognizer(log: Callable[[str], None] = print):

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.anonymization.recognizer import DlibRecognizer
-from common.anonymization.reid import ReidBench, ReidReport, Transform, lfw_test_people, open_people
+from common.anonymization.reid import HogDetector, ReidBench, ReidReport, Transform, lfw_test_people, open_people
 from common.atomic import json_safe
 from common.data.preprocess import FaceAligner
 
@@ -63,7 +63,7 @@ def run_anonymize_bench(
     start = time.perf_counter()
     bench = ReidBench(
         open_people(lfw_test_people(lfw_root, people)), recognizer=recognizer,
-        aligner=FaceAligner(min_score=detect_min_score),
+        aligner=FaceAligner(min_score=detect_min_score), hog=HogDetector(),
     )
     seconds = time.perf_counter() - start
     console.print(f"Detected and described the originals of {len(bench)} people in {seconds:.1f} s.")
@@ -77,35 +77,45 @@ def run_anonymize_bench(
         report = bench.measure(transform, label)
         console.print(f"{label}: measured in {time.perf_counter() - start:.1f} s.")
         reports.append(report)
-    console.print(_table(reports, recognizer, bench.aligner.min_score))
+    print_table(reports, recognizer, bench.aligner.min_score, console=console)
     return reports
+
+
+def print_table(reports: list[ReidReport], recognizer: DlibRecognizer, min_score: float, *,
+                title: str = "Re-identification of anonymized LFW test people", console: Console | None = None) -> None:
+    """Print one table row per report (see :func:`run_anonymize_bench`)."""
+    (console or Console(width=150)).print(_table(reports, recognizer, min_score, title))
 
 
 def _pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.1f}%"
 
 
-def _table(reports: list[ReidReport], recognizer: DlibRecognizer, min_score: float) -> Table:
+def _table(reports: list[ReidReport], recognizer: DlibRecognizer, min_score: float, title: str) -> Table:
     n = reports[0].people
     table = Table(
-        title=f"Re-identification of anonymized LFW test people ({n} people; {recognizer.name}, "
-        f"distance < {recognizer.THRESHOLD})",
+        title=f"{title} ({n} people; {recognizer.name}, distance < {recognizer.THRESHOLD})",
         caption="Transformed image 1 against original image 2. Match, top-1: lower hides identity better. "
         f"Detection: MTCNN still finds a face (score >= {min_score:g}). Landmark displacement: median, in "
-        "inter-ocular distances.",
+        "inter-ocular distances. HOG kept: of the faces dlib's HOG detector finds in the originals, the share it "
+        "still finds. Source: still matched to the photo it came from. Gate withholds: matched to the source or the "
+        "person's other photo (what an egress gate holding both refuses).",
     )
     table.add_column("transform")
     table.add_column("match rate", justify="right")
     table.add_column(f"top-1 (chance {_pct(1 / n)})", justify="right")
     table.add_column("MTCNN detection", justify="right")
     table.add_column("landmark displacement (x IOD)", justify="right")
+    table.add_column("HOG kept", justify="right")
+    table.add_column("source", justify="right")
+    table.add_column("gate withholds", justify="right")
     table.add_column("refused", justify="right")
     table.add_column("img/s", justify="right")
     for r in reports:
         displacement = "-" if math.isnan(r.landmark_displacement) else f"{r.landmark_displacement:.3f}"
         ips = "-" if math.isinf(r.images_per_second) else f"{r.images_per_second:,.1f}"
         table.add_row(r.name, _pct(r.match_rate), _pct(r.top1), _pct(r.detection_rate), displacement,
-                      str(r.refused), ips)
+                      _pct(r.hog_retention), _pct(r.source_match_rate), _pct(r.gate_withheld_rate), str(r.refused), ips)
     return table
 
 

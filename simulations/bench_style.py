@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from rich.console import Console
 from rich.table import Table
 
-from common.anonymization.anonymizer import Anonymizer, BlurFilter, PixelateFilter, StyleFilter, WholeImageStyle
+from common.anonymization.anonymizer import Anonymizer, BlurFilter, PixelateFilter
 from common.anonymization.stylizer import StyleNet
 from common.atomic import atomic_write_json
 
@@ -63,13 +63,40 @@ def end_to_end_speed(anonymizer: Anonymizer, photos: list[Image.Image], repeats:
     return {"images": n, "images_per_s": n / elapsed, "faces_per_image": faces / n}
 
 
+def prior_and_style_speed(model: torch.nn.Module, *, size: int = 128, batch: int = 8, repeats: int = 5) -> float:
+    """Median faces/s of a whole face's anonymization at ``size`` x ``size``: the face prior painted on its
+    landmarks (when the stylizer has one), then the stylizer, ``batch`` faces per forward pass."""
+    from common.anonymization.face_prior import FacePrior, prior_landmarks
+
+    prior = getattr(model, "face_prior", None)
+    painter = FacePrior(prior) if isinstance(prior, torch.Tensor) and prior.numel() else None
+    regions = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    # landmarks of a face filling the middle 60% of the region, as the anonymizer's margin frames it
+    points = (prior_landmarks(size) - size / 2) * 0.6 + size / 2
+
+    def once() -> None:
+        x = torch.stack([painter(r, points[None]) for r in regions]) if painter is not None else regions
+        model(x)
+
+    times = []
+    with torch.inference_mode():
+        once()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t)
+    return batch / statistics.median(times)
+
+
 def run_style_bench(*, data: str, people: int, style: str, strengths: list[float], gatys_people: int, out: Path,
-                    console: Console, styles_dir: str | None = None, stylizers: list[str] | None = None) -> dict:
+                    console: Console, styles_dir: str | None = None, stylizers: list[str] | None = None,
+                    heldout_people: int = 150) -> dict:
     from common.anonymization.recognizer import DlibRecognizer
-    from common.anonymization.reid import gaussian_blur, identity_transform, pixelate
+    from common.anonymization.reid import (HogDetector, ReidBench, gaussian_blur, identity_transform, lfw_test_people,
+                                           open_people, pixelate)
     from common.data.preprocess import FaceAligner
-    from server.stylizers import ensure_stylizer, load_style_image
-    from simulations.bench_anonymize import reports_to_json, run_anonymize_bench
+    from server.stylizers import ensure_stylizer, load_style_image, stylizer_anonymizer
+    from simulations.bench_anonymize import print_table, reports_to_json, run_anonymize_bench
 
     out.mkdir(parents=True, exist_ok=True)
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
@@ -78,10 +105,11 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
     if stylizers:
         loaded = [(*load_stylizer(p), Path(p)) for p in stylizers]
     else:
-        loaded = [ensure_stylizer(style, width="half", styles_dir=styles_dir, data=data, log=log)]
+        loaded = [ensure_stylizer(style, width="half", styles_dir=styles_dir, log=log)]
     model, meta, path = loaded[0]
     summary: dict = {"stylizers": [{"path": str(p), "style": m.get("style"), "training": m.get("settings"),
-                                    "identity_model": m.get("identity_model"),
+                                    "identity_model": m.get("identity_model"), "face_prior": m.get("face_prior"),
+                                    "shipped": m.get("shipped", False),
                                     "final_losses": {k: v for k, v in m.get("history", {}).items()
                                                      if k.startswith("final_")}}
                                    for _, m, p in loaded], "torch_threads": torch.get_num_threads()}
@@ -91,13 +119,12 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
     for width, net in (("half", model), ("full", StyleNet("full").eval())):
         for batch in (1, 8):
             speed[f"{width}-batch{batch}_faces_per_s"] = stylizer_speed(net, batch=batch)
+    speed["prior+stylizer-batch8_faces_per_s"] = prior_and_style_speed(model)
     detector = FaceAligner(min_score=0.6, max_detect_side=1024)
     faces_dir = Path(data).expanduser().resolve().parent / "faces"
     photos = photos_640x480(faces_dir) if faces_dir.is_dir() else []
     if photos:
-        anon = Anonymizer(StyleFilter(model, work_size=int(meta.get("work_size", 128))),
-                          whole_image=WholeImageStyle(model), detector=detector, margin=float(meta.get("margin", 0.25)))
-        speed["end_to_end_640x480"] = end_to_end_speed(anon, photos)
+        speed["end_to_end_640x480"] = end_to_end_speed(stylizer_anonymizer(model, meta, detector=detector), photos)
     summary["speed"] = speed
     table = Table(title=f"Stylizer speed ({torch.get_num_threads()} threads)")
     table.add_column("measure")
@@ -108,17 +135,12 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
     console.print(table)
 
     # 2. Re-identification.
-    work = int(meta.get("work_size", 128))
-
     def anonymizer_transform(a: Anonymizer, strength: float | None = None):
         def transform(img: Image.Image):
             return a(img, strength=strength).image
         return transform
 
-    style_anons = [(Path(p).stem, Anonymizer(StyleFilter(m, work_size=int(mt.get("work_size", 128))),
-                                             whole_image=WholeImageStyle(m), detector=detector,
-                                             margin=float(mt.get("margin", 0.25))))
-                   for m, mt, p in loaded]
+    style_anons = [(Path(p).stem, stylizer_anonymizer(m, mt, detector=detector)) for m, mt, p in loaded]
     style_anon = style_anons[0][1]
     transforms = [
         ("none", identity_transform),
@@ -127,9 +149,9 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
         ("blur, face region", anonymizer_transform(Anonymizer(BlurFilter(0.08), detector=detector))),
         ("pixelate 8x8, face region", anonymizer_transform(Anonymizer(PixelateFilter(8), detector=detector))),
     ]
-    for label, anon in style_anons:
-        for s in strengths:
-            transforms.append((f"{label} s={s:g}", anonymizer_transform(anon, s)))
+    style_transforms = [(f"{label} s={s:g}", anonymizer_transform(anon, s))
+                        for label, anon in style_anons for s in strengths]
+    transforms += style_transforms
     # MTCNN under two threads on a busy 2-core machine slows down 50x; one thread is steady. Any MTCNN detection
     # counts as "still found" (the protocol of the reference figures).
     threads = torch.get_num_threads()
@@ -137,15 +159,47 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
     try:
         reports = run_anonymize_bench(lfw_root=data, people=people, transforms=transforms, console=console,
                                       detect_min_score=0.0)
+        summary["reid"] = reports_to_json(reports)
+        # The privacy/utility curve of the first stylizer (strength against re-identification and detection), with
+        # blur and pixelation as reference points, for the report's chart.
+        by_name = {r.name: r for r in reports}
+        summary["curve"] = {
+            "stylizer": style_anons[0][0],
+            "points": [{"strength": st, **{k: getattr(by_name[f"{style_anons[0][0]} s={st:g}"], k)
+                                           for k in ("match_rate", "top1", "detection_rate", "hog_retention")}}
+                       for st in strengths],
+            "references": {name: {k: getattr(by_name[name], k) for k in ("match_rate", "detection_rate",
+                                                                           "hog_retention")}
+                           for name in ("blur r8, whole image", "pixelate 16x16, whole image")},
+        }
+        # 3. The same on people and photos the benchmark's 150 do not include (never seen by any stylizer either:
+        # stylizers train on peopleDevTrain identities only).
+        recognizer, hog = DlibRecognizer(), HogDetector()
+        heldout_sets = []
+        if heldout_people:
+            heldout_sets.append((f"LFW test people {people + 1}-{people + heldout_people}",
+                                 open_people(lfw_test_people(data, heldout_people, skip=people))))
+        if faces_dir.is_dir():
+            own = [(p.stem, *[im for im in open_people([(p.stem, p, p)])[0][1:]]) for p in sorted(faces_dir.glob("*.jpg"))]
+            heldout_sets.append((f"{faces_dir.name}/ photos, one each (match: to the source photo)", own))
+        heldout = []
+        for set_name, set_people in heldout_sets:
+            bench = ReidBench(set_people, recognizer=recognizer, aligner=FaceAligner(min_score=0.0), hog=hog)
+            rows = [bench.measure(identity_transform, f"{set_name}: none")]
+            rows += [bench.measure(t, f"{set_name}: {label}") for label, t in style_transforms]
+            heldout += rows
+        if heldout:
+            print_table(heldout, recognizer, 0.0, title="Held-out people and photos")
+        summary["reid_heldout"] = reports_to_json(heldout)
     finally:
         torch.set_num_threads(threads)
-    summary["reid"] = reports_to_json(reports)
     summary["recognizer"] = DlibRecognizer.name
     if gatys_people:
         from common.anonymization.anonymizer import GatysFilter
 
-        gatys = Anonymizer(GatysFilter(load_style_image(meta["style_file"]), steps=150, work_size=work),
-                           detector=detector)
+        work = int(meta.get("work_size", 128))
+        gatys = stylizer_anonymizer(model, meta, detector=detector, region_filter=GatysFilter(
+            load_style_image(meta["style_file"]), steps=150, work_size=work))
         g_reports = run_anonymize_bench(lfw_root=data, people=gatys_people, console=console, detect_min_score=0.0,
                                         transforms=[
             ("none", identity_transform), ("gatys s=1", anonymizer_transform(gatys)),

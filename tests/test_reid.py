@@ -13,7 +13,7 @@ from PIL import Image
 from rich.console import Console
 
 from common.anonymization.recognizer import DlibRecognizer, RecognizerUnavailable
-from common.anonymization.reid import (ReidBench, ReidReport, gaussian_blur, identity_transform, lfw_test_people,
+from common.anonymization.reid import (HogDetector, ReidBench, ReidReport, gaussian_blur, identity_transform, lfw_test_people,
                                        measure_reid, open_people, pixelate)
 from common.data.datasets import DataError
 from common.data.preprocess import FaceAligner
@@ -51,7 +51,7 @@ def people(lfw_root):
 
 @pytest.fixture(scope="module")
 def bench(people, recognizer, aligner) -> ReidBench:
-    return ReidBench(people, recognizer=recognizer, aligner=aligner)
+    return ReidBench(people, recognizer=recognizer, aligner=aligner, hog=HogDetector())
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +136,19 @@ def test_unchanged_images_are_re_identified(bench, identity_report):
     assert r.detection_rate == 1.0 and r.refused == 0
     assert r.landmark_displacement == pytest.approx(0.0, abs=1e-6)  # the same image gives the same landmarks
     assert r.seconds >= 0.0 and r.images_per_second > 0
+    assert r.source_match_rate == 1.0 and r.hog_retention == 1.0  # the photo itself; HOG finds what it found
+
+
+def test_hog_detector_finds_faces_where_there_are_faces(people, faces_dir):
+    from PIL import Image as PILImage
+
+    hog = HogDetector()
+    _, image1, _ = people[0]
+    boxes = hog.boxes(image1)
+    assert boxes.shape[1] == 4 and len(boxes) >= 1
+    assert hog.finds(image1, boxes[0]) and not hog.finds(image1, np.array([0.0, 0.0, 5.0, 5.0]))
+    with PILImage.open(faces_dir / "no_face_chicago.jpg") as street:
+        assert len(hog.boxes(street.convert("RGB"))) == 0
 
 
 def test_pixelation_hides_identity_and_the_face(bench, identity_report):
@@ -143,6 +156,7 @@ def test_pixelation_hides_identity_and_the_face(bench, identity_report):
     assert r.match_rate < identity_report.match_rate, r
     assert r.top1 < identity_report.top1, r
     assert r.detection_rate < identity_report.detection_rate, r
+    assert r.hog_retention < 1.0 and r.source_match_rate < 1.0, r
 
 
 def test_blur_moves_landmarks_and_lowers_matches(bench, identity_report):

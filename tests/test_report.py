@@ -267,3 +267,28 @@ def test_user_text_is_escaped(federated_run):
     assert [t.split("<tbody>", 1)[1].count("<tr>") for t in tables] == [2, 2]  # one row per site, per run
     series = [a.get("data-series") for t, a in page.tags if t == "g" and a.get("class") == "series"]
     assert f"{run}: {site}" in series and f"{plain.name}: site-1" in series
+
+
+def test_anonymization_section_shows_the_benchmark_curve_and_columns():
+    """A `facefl bench anonymize` result becomes the section's table (HOG retention, source match, gate withholds)
+    and the strength curve with blur's reference lines."""
+    from server.report.render import anonymization_section
+
+    def row(name, match, hog):
+        return {"name": name, "people": 150, "match_rate": match, "top1": match / 2, "chance": 1 / 150,
+                "detection_rate": 1.0, "landmark_displacement": 0.04, "hog_retention": hog,
+                "source_match_rate": match, "gate_withheld_rate": match}
+
+    bench = {"reid": [row("none", 0.92, 1.0), row("blur r8, whole image", 0.14, 0.2)],
+             "reid_heldout": [row("held-out: shipped s=1", 0.02, 0.99)],
+             "curve": {"stylizer": "shipped", "points": [{"strength": s, "match_rate": m, "top1": m / 2,
+                                                         "detection_rate": 1.0, "hog_retention": 0.99}
+                                                        for s, m in ((0.5, 0.6), (1.0, 0.02))],
+                       "references": {"blur r8, whole image": {"match_rate": 0.14, "detection_rate": 0.95,
+                                                               "hog_retention": 0.2}}}}
+    section = anonymization_section(None, bench)["bench"]
+    assert [r[0] for r in section["rows"]] == ["none", "blur r8, whole image", "held-out: shipped s=1"]
+    assert all(len(r) == 10 for r in section["rows"]) and section["rows"][1][7] == 0.2
+    svg = section["curve"]
+    assert svg.startswith("<") and "strength" in svg and "blur r8: match" in svg and "HOG finds the face" in svg
+    assert anonymization_section(None, {"reid": []})["bench"]["curve"] is None

@@ -109,18 +109,30 @@ class AnonymizationResult:
 
 # ----------------------------------------------------------------------------------------------- region filters
 class StyleFilter:
-    """The feed-forward stylizer applied at a fixed working size (the size it was trained at), resized back.
+    """The feed-forward stylizer applied to each region at a working size, resized back.
+
+    The working size is the region's own side (rounded to a multiple of 4) clamped to ``[work_size,
+    max_work_size]``: small faces are stylized at the size the stylizer was trained at, large ones at up to
+    ``max_work_size`` (default twice that) so that a face of a high-resolution photo is not rebuilt from a
+    128-pixel thumbnail (a blurred face drifts toward dlib's "blurry face" and is matched more often).
 
     ``model`` maps float ``[B, 3, S, S]`` in [0, 1] to the same; a
-    :class:`common.anonymization.stylizer.StyleNet`, or its
-    TorchScript export."""
+    :class:`common.anonymization.stylizer.StyleNet`, or its TorchScript export."""
 
-    def __init__(self, model: torch.nn.Module, *, work_size: int = 128, name: str = "style") -> None:
+    def __init__(self, model: torch.nn.Module, *, work_size: int = 128, max_work_size: int | None = None,
+                 name: str = "style") -> None:
         if work_size < 16:
             raise ValueError(f"work_size must be at least 16 pixels, got {work_size}.")
         self.model = model.eval()
         self.work_size = int(work_size)
+        self.max_work_size = int(max_work_size) if max_work_size is not None else 2 * self.work_size
+        if self.max_work_size < self.work_size:
+            raise ValueError(f"max_work_size ({max_work_size}) must be at least work_size ({work_size}).")
         self.name = name
+
+    def size_for(self, region: torch.Tensor) -> int:
+        side = 4 * round(max(region.shape[-2:]) / 4)
+        return min(max(side, self.work_size), self.max_work_size)
 
     @torch.inference_mode()
     def __call__(self, region: torch.Tensor) -> torch.Tensor:
@@ -128,15 +140,19 @@ class StyleFilter:
 
     @torch.inference_mode()
     def batch(self, regions: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Stylize several regions in one forward pass (each resized to the working size and back)."""
-        if not regions:
-            return []
-        s = self.work_size
-        x = torch.stack([F.interpolate(r[None], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
-                         for r in regions])
-        y = self.model(x).clamp(0.0, 1.0)
-        return [F.interpolate(y[i : i + 1], size=tuple(r.shape[-2:]), mode="bilinear", align_corners=False)[0]
-                for i, r in enumerate(regions)]
+        """Stylize several regions, one forward pass per working size."""
+        out: list[torch.Tensor | None] = [None] * len(regions)
+        by_size: dict[int, list[int]] = {}
+        for i, r in enumerate(regions):
+            by_size.setdefault(self.size_for(r), []).append(i)
+        for s, idx in by_size.items():
+            x = torch.stack([F.interpolate(regions[i][None], size=(s, s), mode="bilinear", align_corners=False,
+                                           antialias=True)[0] for i in idx])
+            y = self.model(x).clamp(0.0, 1.0)
+            for j, i in enumerate(idx):
+                out[i] = F.interpolate(y[j : j + 1], size=tuple(regions[i].shape[-2:]), mode="bilinear",
+                                       align_corners=False)[0]
+        return out  # type: ignore[return-value]
 
 
 class WholeImageStyle:
@@ -275,6 +291,10 @@ class Anonymizer:
         Face box growth and mask falloff, as fractions of the face size.
     recognizer : Recognizer, optional
         When given, every face gets a re-identification distance (original against anonymized).
+    face_prior : callable, optional
+        ``face_prior(image [3, H, W], landmarks [F, 5, 2]) -> [3, H, W]``, applied before the regions are filtered:
+        :class:`common.anonymization.face_prior.FacePrior` replaces each inner face by a generic face on the same
+        landmarks, so that what gets stylized no longer carries the person's features.
     """
 
     region_filter: RegionFilter
@@ -285,6 +305,7 @@ class Anonymizer:
     margin: float = 0.25
     feather: float = 0.25
     recognizer: Recognizer | None = None
+    face_prior: object | None = None
     _stats: dict = field(default_factory=lambda: {"images": 0, "faces": 0, "no-face": 0, "refused": 0})
 
     def __post_init__(self) -> None:
@@ -332,7 +353,8 @@ class Anonymizer:
         out = original.clone()
         h, w = original.shape[-2:]
         regions = [face_region(b, w, h, self.margin) for b in boxes]
-        crops = [original[:, y0:y1, x0:x1] for (x0, y0, x1, y1) in regions]
+        source = self.face_prior(original, points) if self.face_prior is not None else original
+        crops = [source[:, y0:y1, x0:x1] for (x0, y0, x1, y1) in regions]
         batch = getattr(self.region_filter, "batch", None)
         filtered = batch(crops) if batch is not None else [self.region_filter(c) for c in crops]
         for region, box, crop, new in zip(regions, boxes, crops, filtered):

@@ -2,7 +2,9 @@
 
 :meth:`EgressGate.release` anonymizes an image, scores every face with an independent recognizer, and returns a
 :class:`ReleasedImage` only when no face still matches its original (escalating to full strength once before
-giving up). Anything else raises :class:`EgressRefused` and is logged and counted.
+giving up), nor any face of the gate's gallery: other photos the site holds of the people it releases (its
+training faces, a gallery of its users), because an attacker may hold other photos of a person, not the one that
+was anonymized. Anything else raises :class:`EgressRefused` and is logged and counted.
 
 A :class:`ReleasedImage` carries an HMAC of its pixels under a key that exists only in this process, so it cannot
 be forged from a raw tensor. :func:`check_reply` is run on every reply a ClientApp sends: model arrays must be
@@ -77,6 +79,9 @@ class EgressGate:
         When a face still matches at the anonymizer's strength, retry once at this strength before refusing.
     audit : common.audit.AuditLog, optional
         Every release and refusal is appended to it as an ``egress`` event (purpose, faces, distances; no pixels).
+
+    Other photos of the same people: :meth:`add_to_gallery` describes the faces of photos the site holds; a
+    released face must then be further than the recognizer's threshold from every one of them too.
     """
 
     def __init__(self, anonymizer: Anonymizer, recognizer, *, site: str = "site", escalate_to: float = 1.0,
@@ -93,6 +98,44 @@ class EgressGate:
         self.counts = {"released": 0, "refused": 0, "faces": 0}
         self.events: list[dict] = []
         self.audit = audit
+        self.recognizer = recognizer
+        self._gallery: list[np.ndarray] = []
+
+    @property
+    def gallery_size(self) -> int:
+        """Face descriptors the gate checks released faces against (besides each face's own original)."""
+        return len(self._gallery)
+
+    def add_to_gallery(self, images) -> int:
+        """Describe every face in ``images`` (PIL images, uint8 ``[3, H, W]`` tensors or ``[H, W, 3]`` arrays) and
+        keep the descriptors: released faces must not match any of them. Returns how many faces were added."""
+        added = 0
+        for image in images:
+            pil = _as_pil(image).convert("RGB")
+            boxes, _, _ = self.anonymizer.detect(pil)
+            arr = np.asarray(pil, dtype=np.uint8)
+            for box in boxes:
+                descriptor = self.recognizer.describe(arr, box)
+                if descriptor is not None:
+                    self._gallery.append(np.asarray(descriptor, dtype=np.float64))
+                    added += 1
+        return added
+
+    def _gallery_match(self, result: AnonymizationResult) -> float | None:
+        """The smallest distance between a released face and the gallery, when below the threshold; else None."""
+        if not self._gallery or result.image is None or not result.faces:
+            return None
+        arr = np.asarray(result.image.convert("RGB"), dtype=np.uint8)
+        gallery = np.stack(self._gallery)  # [G, 128]
+        worst = None
+        for face in result.faces:
+            descriptor = self.recognizer.describe(arr, face.box)
+            if descriptor is None:
+                continue
+            d = float(np.linalg.norm(gallery - np.asarray(descriptor, np.float64)[None], axis=1).min())
+            if d < float(self.recognizer.THRESHOLD) and (worst is None or d < worst):
+                worst = d
+        return worst
 
     def release(self, image: Image.Image | torch.Tensor | np.ndarray, *, purpose: str) -> ReleasedImage:
         """Anonymize ``image`` and return it sealed, or raise :class:`EgressRefused` (logged and counted).
@@ -100,8 +143,10 @@ class EgressGate:
         ``image``: a PIL image, a uint8 ``[3, H, W]`` tensor, or a uint8 ``[H, W, 3]`` array."""
         pil = _as_pil(image)
         result = self.anonymizer(pil)
-        if result.any_matched and self.escalate_to > self.anonymizer.strength:
+        gallery_hit = self._gallery_match(result)
+        if (result.any_matched or gallery_hit is not None) and self.escalate_to > self.anonymizer.strength:
             result = self.anonymizer(pil, strength=self.escalate_to)
+            gallery_hit = self._gallery_match(result)
         reason = None
         if result.refused or result.image is None:
             reason = result.message
@@ -109,6 +154,9 @@ class EgressGate:
             worst = min(f.reid_distance for f in result.faces if f.matched)
             reason = (f"a face still matches its original after anonymization (distance {worst:.3f} < "
                       f"{self.anonymizer.recognizer.THRESHOLD})")
+        elif gallery_hit is not None:
+            reason = (f"a face matches another photo the site holds after anonymization (distance {gallery_hit:.3f} "
+                      f"< {self.anonymizer.recognizer.THRESHOLD})")
         event = {"site": self.site, "purpose": purpose, "faces": len(result.faces), "action": result.action,
                  "released": reason is None, "reid": [f.reid_distance for f in result.faces]}
         self.events.append(event)

@@ -64,6 +64,16 @@ class ReidReport:
         original inter-ocular distance. NaN when no face was re-detected.
     landmark_displacement_mean : float
         The mean of the same per-person values (NaN when none).
+    hog_retention : float
+        Of the people whose ORIGINAL image 1 dlib's HOG face detector finds (a second detector, independent of
+        MTCNN, which the stylizer's structure term is trained against), the fraction whose transformed image 1 it
+        still finds (a detection overlapping the original box). NaN when no HOG detector was given.
+    source_match_rate : float
+        Fraction of people whose transformed image 1 still matches the ORIGINAL image 1 (the photo it came from):
+        what the egress gate checks. ``match_rate`` is what an attacker holding another photo of the person gets.
+    gate_withheld_rate : float
+        Fraction of people whose transformed image 1 matches either its source photo or the person's other photo:
+        what an egress gate holding both (:meth:`common.anonymization.egress.EgressGate.add_to_gallery`) withholds.
     refused : int
         Images the transform returned None for. A refused image counts as not matched, not top-1 and
         not detected.
@@ -81,6 +91,9 @@ class ReidReport:
     detection_rate: float
     landmark_displacement: float
     landmark_displacement_mean: float
+    hog_retention: float
+    source_match_rate: float
+    gate_withheld_rate: float
     refused: int
     seconds: float
     images_per_second: float
@@ -93,6 +106,8 @@ class _Original:
     box: np.ndarray  # float64 [4], MTCNN box of the face in image 1
     landmarks: np.ndarray  # float64 [5, 2], its MTCNN landmarks
     iod: float  # inter-ocular distance of those landmarks, pixels
+    descriptor: np.ndarray  # the recognizer's descriptor of the face in image 1 (what the gate compares with)
+    hog_found: bool  # whether the HOG detector finds the face in image 1
 
 
 def _main_face(aligner: FaceAligner, img: Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
@@ -127,6 +142,8 @@ class ReidBench:
         ``THRESHOLD`` and ``name``).
     aligner : FaceAligner
         MTCNN, for the original boxes and for detection on transformed images.
+    hog : HogDetector, optional
+        A second face detector (dlib's HOG) for :attr:`ReidReport.hog_retention`.
 
     Attributes
     ----------
@@ -142,12 +159,14 @@ class ReidBench:
         When names repeat, or no person is left to measure.
     """
 
-    def __init__(self, people: Sequence[Person], *, recognizer: DlibRecognizer, aligner: FaceAligner) -> None:
+    def __init__(self, people: Sequence[Person], *, recognizer: DlibRecognizer, aligner: FaceAligner,
+                 hog: "HogDetector | None" = None) -> None:
         names = [p[0] for p in people]
         if len(set(names)) != len(names):
             raise ValueError("Each person must appear once in people (names repeat); pass one pair per person.")
         self.recognizer = recognizer
         self.aligner = aligner
+        self.hog = hog
         originals: list[_Original] = []
         gallery: list[np.ndarray] = []
         dropped: list[str] = []
@@ -159,10 +178,12 @@ class ReidBench:
                 continue
             iod = float(np.linalg.norm(face1[1][1] - face1[1][0]))
             reference = recognizer.describe(np.asarray(image2), face2[0])
-            if reference is None or iod <= 0.0:
+            source = recognizer.describe(np.asarray(image1), face1[0])
+            if reference is None or source is None or iod <= 0.0:
                 dropped.append(name)
                 continue
-            originals.append(_Original(name, image1.copy(), face1[0], face1[1], iod))
+            hog_found = hog is not None and hog.finds(image1, face1[0])
+            originals.append(_Original(name, image1.copy(), face1[0], face1[1], iod, source, hog_found))
             gallery.append(reference)
         if not originals:
             raise ValueError(
@@ -194,7 +215,7 @@ class ReidBench:
         ReidReport
         """
         n = len(self._originals)
-        matched = top1 = detected = refused = 0
+        matched = top1 = detected = refused = source_matched = hog_kept = withheld = 0
         displacements: list[float] = []
         seconds = 0.0
         for i, orig in enumerate(self._originals):
@@ -217,6 +238,11 @@ class ReidBench:
                 distances = np.array([self.recognizer.distance(descriptor, g) for g in self._gallery])
                 matched += bool(distances[i] < self.recognizer.THRESHOLD)
                 top1 += int(np.argmin(distances)) == i
+                to_source = self.recognizer.distance(descriptor, orig.descriptor) < self.recognizer.THRESHOLD
+                source_matched += bool(to_source)
+                withheld += bool(to_source or distances[i] < self.recognizer.THRESHOLD)
+            if orig.hog_found and self.hog.finds(out, orig.box * np.tile(scale, 2)):
+                hog_kept += 1
 
             boxes, _, points = self.aligner.detect(out)  # already filtered to score >= min_score
             if len(boxes) == 0:
@@ -238,10 +264,42 @@ class ReidBench:
             detection_rate=detected / n,
             landmark_displacement=statistics.median(displacements) if displacements else math.nan,
             landmark_displacement_mean=statistics.fmean(displacements) if displacements else math.nan,
+            hog_retention=hog_kept / hog_total if (hog_total := sum(o.hog_found for o in self._originals)) else math.nan,
+            source_match_rate=source_matched / n,
+            gate_withheld_rate=withheld / n,
             refused=refused,
             seconds=seconds,
             images_per_second=n / seconds if seconds > 0 else math.inf,
         )
+
+
+class HogDetector:
+    """dlib's HOG + linear SVM frontal face detector (``dlib.get_frontal_face_detector``, from the installed
+    package): a second detector, independent of MTCNN, for "is the face still there".
+
+    ``upsample``: image doublings before detection (1 finds faces down to about 40 px, as dlib's examples use)."""
+
+    name = "dlib HOG"
+
+    def __init__(self, upsample: int = 1) -> None:
+        try:
+            import dlib
+        except ImportError as exc:
+            from common.anonymization.recognizer import INSTALL_HINT, RecognizerUnavailable
+
+            raise RecognizerUnavailable(f"dlib is not installed ({exc}); {INSTALL_HINT}") from None
+        self._detector = dlib.get_frontal_face_detector()
+        self.upsample = int(upsample)
+
+    def boxes(self, image: Image.Image) -> np.ndarray:
+        """float ``[F, 4]`` ``(x1, y1, x2, y2)`` of the faces found in ``image``."""
+        rects = self._detector(np.ascontiguousarray(np.asarray(to_rgb(image), dtype=np.uint8)), self.upsample)
+        return np.array([[r.left(), r.top(), r.right(), r.bottom()] for r in rects], np.float64).reshape(-1, 4)
+
+    def finds(self, image: Image.Image, box: np.ndarray) -> bool:
+        """Whether a face is found overlapping ``box`` (``[4]``, image coordinates)."""
+        found = self.boxes(image)
+        return bool(len(found)) and bool((_iou(np.asarray(box, np.float64), found) > 0.0).any())
 
 
 def measure_reid(
@@ -269,7 +327,7 @@ def measure_reid(
 
 
 def lfw_test_people(
-    lfw_root: str | os.PathLike, count: int, *, seed: int | None = None
+    lfw_root: str | os.PathLike, count: int, *, seed: int | None = None, skip: int = 0
 ) -> list[tuple[str, Path, Path]]:
     """People of the matched pairs of LFW View 1 ``pairsDevTest.txt`` (identities never used in training).
 
@@ -284,6 +342,9 @@ def lfw_test_people(
     seed : int, optional
         None (default): the first ``count`` distinct people in file order. An integer: a sample of
         ``count`` of them drawn with ``random.Random(seed)``, returned in file order. Both deterministic.
+    skip : int, default 0
+        Leave out the first ``skip`` people in file order first (``skip=150`` gives people disjoint from the
+        benchmark's 150: a held-out check).
 
     Returns
     -------
@@ -301,12 +362,12 @@ def lfw_test_people(
     for pair in read_pairs_file(root / "pairsDevTest.txt"):
         if pair.same and pair.name_a not in people:
             people[pair.name_a] = (root / pair.relpath_a, root / pair.relpath_b)
-    if count > len(people):
+    names = list(people)[skip:]
+    if count > len(names):
         raise DataError(
             f"{root / 'pairsDevTest.txt'} has matched pairs of {len(people)} distinct people; "
-            f"asked for {count} (pass at most {len(people)})."
+            f"asked for {count} after skipping {skip} (pass at most {len(names)})."
         )
-    names = list(people)
     if seed is not None:
         chosen = set(random.Random(seed).sample(names, count))
         names = [n for n in names if n in chosen]

@@ -19,7 +19,7 @@ import torch
 from common.atomic import atomic_torch_save, atomic_write_json
 from common.weights import load_state_dict_checked, sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def default_styles_dir() -> Path:
     env = os.environ.get("FACEFL_STYLES_DIR")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "styles"
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "styles"
 
 
 def cache_root() -> Path:
@@ -100,7 +100,7 @@ def load_stylizer(path: str | os.PathLike, sha256: str | None = None) -> tuple[t
     """Load a stylizer from ``<stem>.pt`` (or its ``.json``), checking the weights' SHA-256.
 
     ``sha256`` overrides the hash recorded in the JSON (for weights received from elsewhere)."""
-    from common.anonymization.stylizer import build_stylenet
+    from common.anonymization.stylizer import build_stylenet, load_stylenet_state
 
     p = Path(path).expanduser()
     meta_path, weights = p.with_suffix(".json"), p.with_suffix(".pt")
@@ -116,11 +116,40 @@ def load_stylizer(path: str | os.PathLike, sha256: str | None = None) -> tuple[t
                          "`facefl style train`.") from exc
     try:
         state = load_state_dict_checked(weights, expected)
-        model = build_stylenet(arch)
-        model.load_state_dict(state)
+        model = load_stylenet_state(build_stylenet(arch), state)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         raise StyleError(f"Stylizer {weights} cannot be loaded: {str(exc).splitlines()[0]}") from exc
     return model.eval(), meta
+
+
+# Stylizers that ship with facefl (trained by this project; the command that made each is in its .json and in the
+# README), so that the first `facefl anonymize` answers in seconds. The SHA-256 here, not the one in the .json
+# beside the file, is what the weights are checked against when they load.
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_STYLIZERS: dict[tuple[str, str], tuple[str, str]] = {
+    ("starry-night", "half"): ("starry-night-half.pt", "f6b19bc46bd72d1465dccd16d38fca8d9ba196260648ed9b47e3d3e3e9959337"),
+}
+
+
+def shipped_stylizer(style: str, width: str = "half") -> tuple[Path, str] | None:
+    """``(path, sha256)`` of the stylizer shipped for ``style`` at ``width``, or None when none ships."""
+    entry = SHIPPED_STYLIZERS.get((style, width))
+    return None if entry is None else (SHIPPED_DIR / entry[0], entry[1])
+
+
+def load_shipped_stylizer(style: str, width: str = "half") -> tuple[torch.nn.Module, dict, Path]:
+    """The shipped stylizer for ``style`` (checked against :data:`SHIPPED_STYLIZERS`' SHA-256): model, its
+    description (``shipped`` set to True) and its path. Raises StyleError when none ships or it does not load."""
+    found = shipped_stylizer(style, width)
+    if found is None:
+        raise StyleError(f"No stylizer ships for style {style!r} at width {width!r}; train one with "
+                         "`facefl style train`.")
+    path, sha = found
+    if not path.is_file():
+        raise StyleError(f"The shipped stylizer {path} is missing from this installation; reinstall facefl or "
+                         "train one with `facefl style train`.")
+    model, meta = load_stylizer(path, sha)
+    return model, {**meta, "shipped": True}, path
 
 
 def cached_stylizers() -> list[dict]:

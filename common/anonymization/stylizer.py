@@ -122,6 +122,19 @@ class StyleNet(nn.Module):
             UpsampleConvLayer(2 * b, b),  # [B, b, H, W]
             ConvLayer(b, 3, 9, norm=False, act=False),  # [B, 3, H, W], logits
         )
+        # The generic face the anonymizer paints over a person's inner face before stylizing it
+        # (common.anonymization.face_prior), float [3, S, S] in [0, 1]; empty when the stylizer has none. It is not
+        # used by forward: it travels with the weights so that one file holds the whole anonymizer.
+        self.register_buffer("face_prior", torch.zeros(0))
+
+    def set_face_prior(self, prior: torch.Tensor | None) -> None:
+        """Set (or clear, with None) :attr:`face_prior`: float ``[3, S, S]`` in [0, 1]."""
+        if prior is None:
+            self.face_prior = torch.zeros(0)
+            return
+        if prior.ndim != 3 or prior.shape[0] != 3 or prior.shape[1] != prior.shape[2]:
+            raise ValueError(f"A face prior is a float [3, S, S] image, got shape {tuple(prior.shape)}.")
+        self.face_prior = prior.detach().float().clamp(0.0, 1.0).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2], x.shape[-1]
@@ -160,3 +173,13 @@ def build_stylenet(config: dict) -> StyleNet:
             f"Unknown StyleNet config keys {sorted(unknown)}; the saved metadata may come from a newer version."
         )
     return StyleNet(width=config["width"], num_residual=config.get("num_residual"))
+
+
+def load_stylenet_state(model: StyleNet, state: dict) -> StyleNet:
+    """Load a state_dict into ``model``, sizing :attr:`StyleNet.face_prior` to the saved one (absent in files
+    written before face priors existed: the stylizer then has none)."""
+    state = dict(state)
+    prior = state.pop("face_prior", None)
+    model.set_face_prior(prior if prior is not None and prior.numel() else None)
+    model.load_state_dict({**state, "face_prior": model.face_prior})
+    return model

@@ -71,6 +71,11 @@ def _withheld(size: int) -> np.ndarray:
     return tile
 
 
+def _tile_image(img: torch.Tensor, size: int = TILE_SIZE) -> Image.Image:
+    """uint8 ``[3, S, S]`` -> the RGB tile the report shows (and the gate anonymizes)."""
+    return Image.fromarray(img.permute(1, 2, 0).contiguous().numpy()).resize((size, size), Image.Resampling.BICUBIC)
+
+
 def release_images(gate, images: torch.Tensor, *, purpose: str, stats: GateStats, size: int = TILE_SIZE,
                    captions: list[str] | None = None) -> list[Tile]:
     """Every image of uint8 ``[N, 3, S, S]`` through ``gate`` at ``size`` pixels; refused ones become withheld
@@ -79,7 +84,7 @@ def release_images(gate, images: torch.Tensor, *, purpose: str, stats: GateStats
 
     tiles = []
     for i, img in enumerate(images):
-        pil = Image.fromarray(img.permute(1, 2, 0).contiguous().numpy()).resize((size, size), Image.Resampling.BICUBIC)
+        pil = _tile_image(img, size)
         caption = captions[i] if captions else ""
         start = time.perf_counter()
         try:
@@ -136,6 +141,10 @@ def evaluate_run(data: RunData, gate, stats: GateStats | None, *, image_note: st
         images = vae_images(models.vae, held, seed=data.cfg.seed, judge=judge)
         who = data.name
         n = len(images.originals)
+        # The held-out originals are other photos of the people whose reconstructions and morphs leave: the gate
+        # refuses any released face that matches one of them, not only the image it came from.
+        if hasattr(gate, "add_to_gallery"):
+            gate.add_to_gallery(_tile_image(img) for img in images.originals)
         rows = {
             "Held-out faces": release_images(gate, images.originals, purpose=f"report:{who}:held-out", stats=stats),
             "Reconstructions": release_images(gate, images.reconstructions, purpose=f"report:{who}:reconstruction",

@@ -300,6 +300,26 @@ def vae_section(sections: list[RunSection], gif_names: dict[str, str]) -> list[d
     return runs
 
 
+def tradeoff_chart(curve: dict | None) -> str | None:
+    """The stylizer's strength against dlib's match rate and top-1 and the two detectors' retention, with blur r8's
+    match rate and HOG retention as reference lines (``facefl bench anonymize``'s ``curve``); None without one."""
+    points = (curve or {}).get("points") or []
+    if not points:
+        return None
+    x = [p.get("strength") for p in points]
+    series = [Series(label, x, [p.get(key) for p in points]) for label, key in (
+        ("dlib match rate", "match_rate"), ("dlib top-1", "top1"), ("MTCNN finds the face", "detection_rate"),
+        ("HOG finds the face", "hog_retention"))]
+    refs = []
+    blur = (curve.get("references") or {}).get("blur r8, whole image") or {}
+    if isinstance(blur.get("match_rate"), (int, float)):
+        refs.append(("blur r8: match", blur["match_rate"]))
+    if isinstance(blur.get("hog_retention"), (int, float)):
+        refs.append(("blur r8: HOG", blur["hog_retention"]))
+    return line_chart(series, title=f"Privacy against utility: {curve.get('stylizer', 'stylizer')}",
+                      x_label="strength", y_label="fraction of people", y_range=(0.0, 1.0), hlines=refs)
+
+
 def anonymization_section(gate: GateStats | None, bench: dict | None) -> dict | None:
     """The gate's row for this report's images and the re-identification benchmark's rows; None without both."""
     if gate is None and bench is None:
@@ -314,8 +334,11 @@ def anonymization_section(gate: GateStats | None, bench: dict | None) -> dict | 
         out["bench"] = {
             "source": str(bench.get("source", "")), "recognizer": str(bench.get("recognizer", "dlib")),
             "rows": [[r.get("name", ""), r.get("people"), r.get("match_rate"), r.get("top1"), r.get("chance"),
-                      r.get("detection_rate"), r.get("landmark_displacement")] for r in bench.get("reid", [])],
+                      r.get("detection_rate"), r.get("landmark_displacement"), r.get("hog_retention"),
+                      r.get("source_match_rate"), r.get("gate_withheld_rate")]
+                     for r in bench.get("reid", []) + bench.get("reid_heldout", [])],
             "speed": [[k.replace("_", " "), v] for k, v in speed.items()],
+            "curve": tradeoff_chart(bench.get("curve")),
         }
     return out
 
