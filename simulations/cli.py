@@ -24,6 +24,10 @@ from rich.table import Table
 
 from common.config import ConfigError
 
+# common.anonymization.styles.DEFAULT_STYLE, repeated so that the command line starts without importing torch
+# (tests/test_face_prior.py checks that they agree).
+DEFAULT_STYLE = "shipwreck"
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="facefl: federated, differentially private face models with Flower and Opacus.")
 data_app = typer.Typer(no_args_is_help=True, help="Face datasets: preprocess and cache.")
@@ -176,7 +180,7 @@ def report(
     images: bool = typer.Option(True, "--images/--no-images", help="Show VAE faces (always anonymized through "
                                 "the egress gate); --no-images leaves every face out."),
     method: str = typer.Option("style", help="Anonymization of the report's faces: style | blur | pixelate."),
-    style: str = typer.Option("starry-night", help="Named style for --method style (trained once, cached)."),
+    style: str = typer.Option(DEFAULT_STYLE, help="Named style for --method style (trained once, cached)."),
     stylizer: Optional[str] = typer.Option(None, help="A trained stylizer .pt (with its .json) instead of --style."),
     sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of --stylizer (default: from its .json)."),
     strength: float = typer.Option(1.0, help="Stylization strength of the report's faces (0 < S <= 1)."),
@@ -350,7 +354,7 @@ _STYLE_HELP = "A named style (see `facefl style list`) or the path of a painting
 def anonymize(
     paths: list[str] = typer.Argument(..., help="Image files and folders to anonymize (never modified)."),
     out: str = typer.Option(..., "--out", help="Output folder (created; structure of input folders kept)."),
-    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    style: str = typer.Option(DEFAULT_STYLE, help=_STYLE_HELP),
     strength: float = typer.Option(1.0, help="0 < S <= 1: blend of stylized and original face (1 = full style)."),
     method: str = typer.Option("style", help="style (fast stylizer) | gatys (slow optimisation) | blur | pixelate."),
     no_face: str = typer.Option("whole", help="When no face is found: whole (stylize everything) | refuse | pass."),
@@ -443,7 +447,7 @@ def style_list(styles_dir: Optional[str] = typer.Option(None, help="Folder of st
 
 @style_app.command("train")
 def style_train(
-    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    style: str = typer.Option(DEFAULT_STYLE, help=_STYLE_HELP),
     data: Optional[str] = typer.Option(None, help="Identity-folder faces to train on (LFW: peopleDevTrain only). "
                                        "Default: LFW beside the project if present, else synthetic faces."),
     width: str = typer.Option("half", help="half (phones, fastest) | full."),
@@ -498,7 +502,7 @@ def style_train(
 @style_app.command("export")
 def style_export(
     out: str = typer.Option(..., "--out", help="Folder for the exported files."),
-    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    style: str = typer.Option(DEFAULT_STYLE, help=_STYLE_HELP),
     width: str = typer.Option("half", help="half | full."),
     stylizer: Optional[str] = typer.Option(None, help="A trained stylizer .pt (with its .json) instead of --style."),
     sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of --stylizer."),
@@ -523,7 +527,7 @@ def style_export(
 def bench_anonymize(
     data: str = typer.Option(..., help="LFW root (with pairsDevTest.txt)."),
     people: int = typer.Option(150, help="LFW test people (>= 100 for the reported figures)."),
-    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    style: str = typer.Option(DEFAULT_STYLE, help=_STYLE_HELP),
     strengths: str = typer.Option("0.5,0.75,1.0", help="Comma-separated strengths for the privacy/fidelity curve."),
     gatys_people: int = typer.Option(0, help="Also run Gatys optimisation on this many people (slow)."),
     stylizer: list[str] = typer.Option([], help="Trained stylizer .pt files to measure instead of --style's "
@@ -553,7 +557,7 @@ def morph(
     anonymize: bool = typer.Option(True, "--anonymize/--no-anonymize",
                                    help="Release every frame through the egress gate (default). --no-anonymize "
                                    "writes the raw VAE frames, which can show recognisable faces."),
-    style: str = typer.Option("starry-night", help=_STYLE_HELP),
+    style: str = typer.Option(DEFAULT_STYLE, help=_STYLE_HELP),
     stylizer: Optional[str] = typer.Option(None, help="A trained stylizer .pt (with its .json) instead of --style."),
     sha256: Optional[str] = typer.Option(None, help="Expected SHA-256 of --stylizer (default: from its .json)."),
     strength: float = typer.Option(1.0, help="0 < S <= 1: blend of stylized and original face (1 = full style)."),

@@ -13,7 +13,7 @@ import torch
 
 from common.anonymization.face_prior import (FacePrior, fit_face_prior, inner_face_mask, paint_face_prior,
                                              prior_landmarks)
-from common.anonymization.styles import (SHIPPED_STYLIZERS, StyleError, load_shipped_stylizer, load_stylizer,
+from common.anonymization.styles import (DEFAULT_STYLE, SHIPPED_STYLIZERS, StyleError, load_shipped_stylizer, load_stylizer,
                                          shipped_stylizer)
 
 
@@ -63,13 +63,13 @@ def test_prior_inputs_are_checked():
 
 @pytest.fixture(scope="module")
 def shipped():
-    return load_shipped_stylizer("starry-night", "half")
+    return load_shipped_stylizer(DEFAULT_STYLE, "half")
 
 
 def test_shipped_stylizer_is_small_checked_and_has_a_prior(shipped, tmp_path):
     model, meta, path = shipped
     assert path.parent.name == "weights" and path.stat().st_size < 5_000_000
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == SHIPPED_STYLIZERS[("starry-night", "half")][1]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SHIPPED_STYLIZERS[(DEFAULT_STYLE, "half")][1]
     assert meta["shipped"] and "facefl style train" in meta["command"]
     assert model.face_prior.shape == (3, 128, 128)
     # A tampered copy does not load.
@@ -79,8 +79,15 @@ def test_shipped_stylizer_is_small_checked_and_has_a_prior(shipped, tmp_path):
     bad.write_bytes(bytes(data))
     shutil.copy(path.with_suffix(".json"), bad.with_suffix(".json"))
     with pytest.raises(StyleError):
-        load_stylizer(bad, SHIPPED_STYLIZERS[("starry-night", "half")][1])
+        load_stylizer(bad, SHIPPED_STYLIZERS[(DEFAULT_STYLE, "half")][1])
     assert shipped_stylizer("scream", "half") is None
+    assert shipped_stylizer("starry-night", "half") is not None  # a second style ships too
+
+
+def test_the_command_line_defaults_to_the_shipped_style():
+    import simulations.cli as cli
+
+    assert cli.DEFAULT_STYLE == DEFAULT_STYLE and shipped_stylizer(DEFAULT_STYLE, "half") is not None
 
 
 def test_first_use_takes_the_shipped_stylizer_without_training(monkeypatch, tmp_path):
