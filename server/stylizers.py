@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from common.anonymization.styles import (DEFAULT_STYLE, NAMED_STYLES, StyleError, cache_root, load_shipped_stylizer, load_stylizer,
-                                         resolve_style, save_stylizer, shipped_stylizer, stylizer_cache_dir,
-                                         stylizer_stem)
+from common.anonymization.face_prior import PRIOR_SIZE
+from common.anonymization.styles import (DEFAULT_STYLE, NAMED_STYLES, StyleError, cache_root, load_shipped_stylizer,
+                                         load_stylizer, resolve_style, save_stylizer, shipped_stylizer,
+                                         stylizer_cache_dir, stylizer_stem)
 from common.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from common.data.datasets import IMAGE_EXTENSIONS, DataError, is_lfw_root, lfw_train_identities, list_identities
-from common.anonymization.face_prior import PRIOR_SIZE
 from common.data.preprocess import LFW_CROP_FRACTION, center_crop_face, image_to_tensor, to_rgb
 from common.weights import load_state_dict_checked, sha256_file
 
@@ -165,7 +165,8 @@ def prior_training_faces(data: str | None, *, image_size: int, count: int, seed:
                     aligned.append(align_to_template(img, points[best], PRIOR_SIZE, prior_landmarks(PRIOR_SIZE)))
         except (OSError, UnidentifiedImageError, ValueError):
             skipped += 1
-        if len(found) % 500 == 0 and found:
+            continue
+        if len(found) % 500 == 0:
             log(f"  found the faces of {len(found)}/{count} training photos ({time.perf_counter() - start:.0f} s)")
     if len(aligned) < 50:
         raise DataError(f"MTCNN found a face in only {len(aligned)} photos under {root}; a face prior needs at least "
@@ -181,8 +182,12 @@ def prior_training_faces(data: str | None, *, image_size: int, count: int, seed:
         f"{PRIOR_SIZE}) from the template after calibration")
     crops = []
     for path, landmarks in found:
-        with Image.open(path) as img:
-            painted = paint_face_prior(pil_to_tensor(img), landmarks[None], prior)
+        try:
+            with Image.open(path) as img:
+                painted = paint_face_prior(pil_to_tensor(img), landmarks[None], prior)
+        except (OSError, UnidentifiedImageError, ValueError):  # changed or removed since it was read above
+            skipped += 1
+            continue
         crops.append(center_crop_face(tensor_to_pil(painted), image_size, crop_fraction))
     desc = (f"{len(crops)} faces from {root}" + (" (peopleDevTrain identities)" if is_lfw_root(root) else "")
             + f", face prior painted over each (the mean of {len(aligned)} of them, aligned)")
