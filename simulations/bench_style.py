@@ -180,7 +180,7 @@ def run_style_bench(*, data: str, people: int, style: str, strengths: list[float
             heldout_sets.append((f"LFW test people {people + 1}-{people + heldout_people}",
                                  open_people(lfw_test_people(data, heldout_people, skip=people))))
         if faces_dir.is_dir():
-            own = [(p.stem, *[im for im in open_people([(p.stem, p, p)])[0][1:]]) for p in sorted(faces_dir.glob("*.jpg"))]
+            own = open_people([(p.stem, p, p) for p in sorted(faces_dir.glob("*.jpg"))])  # compared with itself
             heldout_sets.append((f"{faces_dir.name}/ photos, one each (match: to the source photo)", own))
         heldout = []
         for set_name, set_people in heldout_sets:

@@ -60,6 +60,7 @@ class FaceRecord:
     landmarks: np.ndarray
     reid_distance: float | None = None
     matched: bool | None = None
+    descriptor: np.ndarray | None = field(default=None, repr=False, compare=False)  # the anonymized face's, if scored
 
     def to_dict(self) -> dict:
         return {"box": [round(float(v), 1) for v in self.box], "score": round(float(self.score), 4),
@@ -380,7 +381,7 @@ class Anonymizer:
             orig_arr = np.asarray(original, dtype=np.uint8)
             anon_arr = np.asarray(anonymized, dtype=np.uint8)
         for box, score, lm in zip(boxes, scores, points):
-            dist = matched = None
+            dist = matched = b = None
             if self.recognizer is not None:
                 a = self.recognizer.describe(orig_arr, box)
                 b = self.recognizer.describe(anon_arr, box)
@@ -388,7 +389,7 @@ class Anonymizer:
                     dist = float(self.recognizer.distance(a, b))
                     matched = dist < float(self.recognizer.THRESHOLD)
             records.append(FaceRecord(tuple(float(v) for v in box), float(score), np.asarray(lm, np.float32),
-                                      dist, matched))
+                                      dist, matched, b))
         return tuple(records)
 
 

@@ -125,11 +125,10 @@ class EgressGate:
         """The smallest distance between a released face and the gallery, when below the threshold; else None."""
         if not self._gallery or result.image is None or not result.faces:
             return None
-        arr = np.asarray(result.image.convert("RGB"), dtype=np.uint8)
         gallery = np.stack(self._gallery)  # [G, 128]
         worst = None
         for face in result.faces:
-            descriptor = self.recognizer.describe(arr, face.box)
+            descriptor = face.descriptor  # described when the anonymizer scored the face against its original
             if descriptor is None:
                 continue
             d = float(np.linalg.norm(gallery - np.asarray(descriptor, np.float64)[None], axis=1).min())

@@ -17,6 +17,7 @@ stylizer is trained (``server.stylizers``) and travels inside the stylizer's wei
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -99,8 +100,10 @@ def calibrate_face_prior(prior: torch.Tensor, detect, *, iterations: int = 2) ->
     return prior.clamp(0.0, 1.0), error
 
 
+@functools.lru_cache(maxsize=4)
 def inner_face_mask(size: int, feather: float = MASK_FEATHER) -> torch.Tensor:
-    """``[size, size]`` weights in [0, 1] in the prior's frame: 1 inside the inner-face ellipse, smooth falloff."""
+    """``[size, size]`` weights in [0, 1] in the prior's frame: 1 inside the inner-face ellipse, smooth falloff
+    (computed once per size; do not modify the returned tensor)."""
     c = torch.arange(size, dtype=torch.float32) + 0.5
     ys, xs = torch.meshgrid(c, c, indexing="ij")
     r = torch.sqrt(((xs / size - MASK_CENTRE[0]) / MASK_AXES[0]) ** 2
