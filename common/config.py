@@ -26,6 +26,7 @@ LR_SCHEDULES = ("cosine", "constant")
 ACCOUNTANTS = ("prv", "rdp")
 RECON_LOSSES = ("l1", "l2")
 AGGREGATORS = ("mean", "median", "trimmed-mean")
+TRACKERS = ("none", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -105,6 +106,10 @@ class RunConfig:
     state_dir: str = ""  # site state (privacy ledger, margin head); "" = <run-dir>/sites
     resume_from: str = ""  # a run directory to continue from its last completed round
     cache_dir: str = ""  # face cache; "" = $FACEFL_CACHE or ~/.cache/facefl
+    # Run tracking
+    tracking: str = "none"  # none | mlflow
+    tracking_uri: str = ""  # "" = a local MLflow store in the run directory
+    tracking_experiment: str = "facefl"  # MLflow experiment name
 
 
     def __post_init__(self) -> None:
@@ -130,6 +135,9 @@ class RunConfig:
         choice("aggregator", AGGREGATORS)
         choice("optimizer", OPTIMIZERS)
         choice("lr_schedule", LR_SCHEDULES)
+        choice("tracking", TRACKERS)
+        if self.tracking != "none" and not self.tracking_experiment.strip():
+            raise ConfigError("tracking-experiment must name an MLflow experiment; got an empty name.")
         for name in ("num_rounds", "local_epochs", "batch_size", "embedding_dim", "latent_channels", "min_sites",
                      "scale", "max_grad_norm", "vae_max_grad_norm", "target_epsilon", "dirichlet_alpha",
                      "round_timeout", "server_lr", "quorum_timeout", "secagg_clip_range", "secagg_max_examples",

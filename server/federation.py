@@ -18,6 +18,7 @@ from server.face_judge import load_face_judge
 from server.rundir import RunDirectory, default_run_dir
 from server.secure_rounds import run_secure_rounds
 from server.strategy import build_strategy
+from server.tracking import start_tracking
 
 log = logging.getLogger("facefl.server")
 
@@ -84,6 +85,7 @@ def run_federation(grid, cfg: RunConfig) -> Path:
                               "max_update_norm": cfg.max_update_norm, "min_sites": cfg.min_sites,
                               "secure_aggregation": cfg.secure_aggregation})
     seen: set[str] = set()
+    tracker = start_tracking(cfg, run.path)
     state = checkpoint["state_dict"] if checkpoint else reference
     if checkpoint:
         models.load_state_dict(state)
@@ -92,6 +94,8 @@ def run_federation(grid, cfg: RunConfig) -> Path:
              remaining)
     if remaining <= 0:
         run.finish()
+        if tracker is not None:
+            tracker.finish()
         return run.path
 
     data = eval_data(cfg)
@@ -116,6 +120,8 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         if absolute > 0:
             run.save_checkpoint(absolute, current, strategy.server_state())
         audit_round(audit, absolute, report, metrics, run.metrics["privacy"], seen)
+        if tracker is not None:
+            tracker.log_round(absolute, metrics, run.metrics["privacy"], seconds)
         log.info("facefl %s", summarize(absolute, cfg.num_rounds, metrics, run.metrics["privacy"], seconds))
         timer["t"] = time.perf_counter()
         return MetricRecord(metrics)
@@ -131,7 +137,11 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         run.finish("failed", error=f"{type(exc).__name__}: {exc}")
         audit.append("run-finished", status="failed", error=f"{type(exc).__name__}: {exc}",
                      completed_rounds=run.metrics["run"].get("completed_rounds", 0))
+        if tracker is not None:
+            tracker.finish("failed")
         raise
     run.finish()
+    if tracker is not None:
+        tracker.finish()
     audit.append("run-finished", status="completed", completed_rounds=run.metrics["run"].get("completed_rounds", 0))
     return run.path

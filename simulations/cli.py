@@ -36,7 +36,8 @@ app.add_typer(data_app, name="data")
 style_app = typer.Typer(no_args_is_help=True, help="Style transfer for anonymization: train, list, export.")
 app.add_typer(bench_app, name="bench")
 app.add_typer(style_app, name="style")
-audit_app = typer.Typer(no_args_is_help=True, help="Hash-chained audit logs of the server and the sites.")
+audit_app = typer.Typer(no_args_is_help=True, help="Audits: the hash-chained logs of the server and the sites, and "
+                        "the privacy of a run's models (membership inference).")
 app.add_typer(audit_app, name="audit")
 
 
@@ -89,9 +90,16 @@ def simulate(
     resume: Optional[str] = typer.Option(None, help="Continue RUN_DIR from its last completed round."),
     scenario: Optional[str] = typer.Option(None, help="A named scenario (see `facefl scenarios`)."),
     set_: list[str] = typer.Option([], "--set", help="Any run-config key, KEY=VALUE (repeatable)."),
+    tracking: Optional[str] = typer.Option(None, help="none | mlflow: log config, metrics, epsilons and the report "
+                                           "to MLflow (needs the mlflow extra)."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: a local store in the run "
+                                               "directory, RUN/mlflow.db)."),
     cpus_per_site: float = typer.Option(1.0, help="CPU cores reserved per simulated site."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report.html and summary.json at "
                                 "the end (see `facefl report`)."),
+    privacy_audit: bool = typer.Option(False, "--privacy-audit", help="Audit the final models for membership "
+                                       "inference at the end and print the result (see `facefl audit privacy`; "
+                                       "the report audits too unless --no-report)."),
     report_stylizer: Optional[str] = typer.Option(None, help="Stylizer .pt anonymizing the report's faces "
                                                   "(default: the starry-night stylizer, trained once and cached)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's and Ray's logs."),
@@ -102,7 +110,8 @@ def simulate(
 
     _setup_logging(verbose)
     options = {"data": data, "num-rounds": rounds, "task": task, "strategy": strategy, "dp": dp,
-               "target-epsilon": epsilon, "target-delta": delta, "max-grad-norm": clip, "accountant": accountant}
+               "target-epsilon": epsilon, "target-delta": delta, "max-grad-norm": clip, "accountant": accountant,
+               "tracking": tracking, "tracking-uri": tracking_uri}
     cfg, num_sites = config_from_options(options, scenario=scenario, sets=_parse_sets(set_), sites=sites)
     cfg = prepare_config(cfg, num_sites=num_sites, out=out, resume=resume, num_rounds=rounds)
     what = f"data {cfg.data}" if cfg.data else "synthetic smoke-test faces (use --data for real faces)"
@@ -120,6 +129,11 @@ def simulate(
                 console.print(f"no report: {exc}", markup=False)
         raise
     _print_summary(run_dir)
+    if privacy_audit:
+        from server.privacy_audit.audit_run import audit_run
+
+        console.print("privacy audit: membership inference against the final models ...")
+        console.print(audit_summary(audit_run(run_dir)), markup=False, highlight=False, soft_wrap=True)
     if report:
         _write_report([run_dir], stylizer=report_stylizer, data=cfg.data or None)
 
@@ -140,7 +154,8 @@ def _print_summary(run_dir: Path) -> None:
 
 
 def _write_report(run_dirs: list, *, out: Optional[str] = None, summary: Optional[str] = None,
-                  anonymization: Optional[str] = None, images: bool = True, quiet: bool = False, **gate_options):
+                  anonymization: Optional[str] = None, images: bool = True, quiet: bool = False,
+                  privacy_audit: bool = True, **gate_options):
     """Build the report (see ``server.report.build``); the egress gate is built only when faces are to be shown."""
     from server.report.build import build_report
     from server.stylizers import build_gate
@@ -162,7 +177,7 @@ def _write_report(run_dirs: list, *, out: Optional[str] = None, summary: Optiona
     factory = make_gate if images else None
 
     result = build_report(run_dirs, out=out, summary=summary, gate_factory=factory, anonymization=anonymization,
-                          log_fn=log)
+                          log_fn=log, privacy_audit=privacy_audit)
     gate = result.stats.summary() if result.stats else None
     shown = (f"; {gate['released']} face images shown after anonymization, {gate['withheld']} withheld"
              if gate else "")
@@ -187,6 +202,9 @@ def report(
     anonymization: Optional[str] = typer.Option(None, help="A `facefl bench anonymize` result "
                                                 "(bench-anonymize.json) to show; default: one in the run folder."),
     data: Optional[str] = typer.Option(None, help="Faces to train a missing stylizer on (default: LFW if present)."),
+    privacy_audit: bool = typer.Option(True, "--privacy-audit/--no-privacy-audit", help="Audit a run whose latest "
+                                       "checkpoint has no membership-inference audit yet (a simulated run whose "
+                                       "faces are here); an existing audit is always shown."),
 ) -> None:
     """One self-contained HTML report (and summary.json) of one or several runs: curves, privacy, evaluation,
     anonymized VAE faces. Works on interrupted runs (it shows the completed rounds)."""
@@ -194,7 +212,7 @@ def report(
     if method not in ("style", "blur", "pixelate"):
         raise ValueError(f"--method must be style, blur or pixelate; got {method!r}.")
     _write_report(runs, out=out, summary=summary, anonymization=anonymization, images=images, method=method,
-                  style=style, stylizer=stylizer, stylizer_sha256=sha256, strength=strength,
+                  privacy_audit=privacy_audit, style=style, stylizer=stylizer, stylizer_sha256=sha256, strength=strength,
                   data=data or _default_lfw())
 
 
@@ -243,6 +261,51 @@ def audit_verify(
         Console().print(summarize(report), markup=False, highlight=False)
         failed = failed or not report.ok
     raise typer.Exit(1 if failed else 0)
+
+
+@audit_app.command("privacy")
+def audit_privacy(
+    run_dir: str = typer.Argument(..., help="A finished simulated run (its latest checkpoint is audited)."),
+    sites: Optional[int] = typer.Option(None, help="Number of sites (default: read from the run)."),
+    reference_epochs: int = typer.Option(0, help="Epochs of the reference models (0 = 4 for the VAE, 10 for the "
+                                         "embedding)."),
+    confidence: float = typer.Option(0.95, help="Confidence of the empirical epsilon lower bound."),
+) -> None:
+    """Membership inference against a run's models: AUC, TPR at FPR 1% and 0.1%, and the empirical epsilon lower
+    bound beside the accountant's; written to RUN_DIR/privacy_audit.json and shown by `facefl report`."""
+    from server.privacy_audit.audit_run import AuditSettings, audit_run
+    from server.rundir import RunDirError
+
+    _setup_logging(False)
+    if not 0.5 < confidence < 1.0:
+        raise typer.BadParameter(f"--confidence must be between 0.5 and 1; got {confidence}.")
+    if reference_epochs < 0:
+        raise typer.BadParameter(f"--reference-epochs must be 0 or more; got {reference_epochs}.")
+    settings = AuditSettings(confidence=confidence)
+    if reference_epochs:
+        settings = AuditSettings(reference_epochs, reference_epochs, confidence)
+    try:
+        result = audit_run(run_dir, sites=sites, settings=settings)
+    except (RunDirError, ValueError, OSError) as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    console.print(audit_summary(result), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"written to {Path(run_dir) / 'privacy_audit.json'}", markup=False, highlight=False)
+
+
+def audit_summary(result: dict) -> str:
+    """The audit's lines for the console: one per model and attack."""
+    lines = [result["game"]]
+    for model, entry in result["models"].items():
+        eps = entry["accountant_epsilon"]
+        lines.append(f"{model}: accountant epsilon {'none (no DP)' if eps == float('inf') else f'{eps:.2f}'}, delta "
+                     f"{entry['delta']:.1e}")
+        for name, a in entry["attacks"].items():
+            lines.append(f"  {name}: AUC {a['auc']:.3f} [{a['auc_ci'][0]:.3f}, {a['auc_ci'][1]:.3f}], TPR "
+                         f"{a['tpr_at_fpr_1pct']:.3f} at FPR 1%, {a['tpr_at_fpr_0.1pct']:.3f} at 0.1%, epsilon >= "
+                         f"{a['epsilon_lower_bound']:.2f} ({a['confidence']:.0%} confidence; estimate "
+                         f"{a['epsilon_estimate']:.2f})")
+    return "\n".join(lines)
 
 
 @app.command()
@@ -311,6 +374,34 @@ def bench_train(
     run_bench(data=data, rounds=rounds, scratch_rounds=scratch_rounds, sites=sites, epsilons=eps,
               max_identities=max_identities, parts=part_list,
               out=Path(out), console=Console(width=160), batch_size=batch_size)
+
+
+@bench_app.command("privacy")
+def bench_privacy(
+    data: str = typer.Option(..., help="LFW root (with its protocol files)."),
+    rounds: int = typer.Option(3, help="Federated rounds of each run (2 local epochs each)."),
+    sites: int = typer.Option(4, help="Sites of each federation."),
+    epsilons: str = typer.Option("8,2", help="Comma-separated per-site epsilons of the DP runs."),
+    overfit_identities: int = typer.Option(40, help="People of the overfit runs (0 = no overfit runs)."),
+    overfit_epochs: int = typer.Option(10, help="Local epochs per round of the overfit runs."),
+    out: str = typer.Option("runs/bench-privacy", help="Folder for the benchmark's runs and its JSON summary."),
+    retrain: bool = typer.Option(False, help="Train every run again, even one that completed before."),
+) -> None:
+    """Membership inference against federations without DP and with DP, both models, and against a run made to
+    overfit: AUC, TPR at low FPR, empirical epsilon lower bounds beside the accountant's."""
+    from simulations.bench_privacy import run_privacy_bench
+
+    _setup_logging(False)
+    try:
+        eps = tuple(float(e) for e in epsilons.split(",") if e.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--epsilons takes comma-separated numbers such as 8,2; got {epsilons!r}.")
+    if not eps or any(e <= 0 for e in eps):
+        raise typer.BadParameter(f"--epsilons must be positive numbers; got {epsilons!r}.")
+    if rounds < 1 or sites < 1 or overfit_epochs < 1 or overfit_identities < 0:
+        raise typer.BadParameter("--rounds, --sites and --overfit-epochs must be at least 1.")
+    run_privacy_bench(data=data, rounds=rounds, sites=sites, epsilons=eps, overfit_identities=overfit_identities,
+                      overfit_epochs=overfit_epochs, out=Path(out), console=Console(width=170), retrain=retrain)
 
 
 @bench_app.command("vae")

@@ -76,7 +76,20 @@ def test_simulate_writes_the_report_and_summary(federated_run):
     for heading in ("Overview", "Learning curves", "Privacy", "Embedding evaluation", "Sites", "Anonymization"):
         assert heading in text, heading
     assert "example-level" in text and "empirical" in text
-    assert sum(1 for t, a in page.tags if t == "svg" and "chart" in a.get("class", "")) >= 8
+    assert sum(1 for t, a in page.tags if t == "svg" and "chart" in a.get("class", "")) >= 12
+
+    # Every report audits the run for membership inference: both models, two attacks each, beside the accountant.
+    audit = json.loads((federated_run / "privacy_audit.json").read_text())
+    assert audit["round"] == 2 and audit["sites"] == 2
+    assert run["privacy_audit"].keys() == {"embedding", "vae"}
+    for model, entry in run["privacy_audit"].items():
+        assert set(entry["attacks"]) == ({"margin", "calibrated"} if model == "embedding" else {"loss", "calibrated"})
+        assert entry["accountant_epsilon"] == pytest.approx(max(p["epsilon"] for p in run["privacy"].values()))
+        for attack in entry["attacks"].values():
+            assert 0 <= attack["auc"] <= 1 and attack["epsilon_lower_bound"] <= entry["accountant_epsilon"]
+    assert "Empirical audit: membership inference" in text and "cannot prove" in text
+    for model in ("embedding", "VAE"):
+        assert f"Membership inference, {model}" in (federated_run / "report.html").read_text()
 
 
 @pytest.mark.slow

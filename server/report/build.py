@@ -164,6 +164,24 @@ def evaluate_run(data: RunData, gate, stats: GateStats | None, *, image_note: st
     return section
 
 
+def privacy_audit_for(data: RunData, *, run_audit: bool) -> tuple[dict | None, str]:
+    """The run's membership-inference audit of its latest checkpoint: the one in ``privacy_audit.json`` when it is
+    of that round, else a new one when ``run_audit`` (a simulated run whose faces are here); ``(audit, note)``."""
+    from server.privacy_audit.audit_run import audit_run, load_audit
+
+    if data.state is None:
+        return None, "No checkpoint to audit."
+    found = load_audit(data.path)
+    if found is not None and found.get("round") == data.checkpoint_round:
+        return found, ""
+    if not run_audit:
+        return None, ("No privacy audit of this checkpoint: run `facefl audit privacy " f"{data.path}`.")
+    try:
+        return audit_run(data.path), ""
+    except (RunDirError, DataError, OSError, ValueError) as exc:
+        return None, f"No privacy audit: {exc}"
+
+
 def load_anonymization(path: str | Path | None, runs: list[RunData]) -> dict | None:
     """A ``facefl bench anonymize`` result (``bench-anonymize.json``): the path given, or one in a run folder."""
     candidates = [Path(path)] if path else [r.path / "bench-anonymize.json" for r in runs]
@@ -207,18 +225,25 @@ def run_summary(section: RunSection) -> dict:
                              "morph_frames": len(section.vae.morph), "morph_alphas": section.vae.morph_alphas}
     if section.evaluation_note:
         out["evaluation_note"] = section.evaluation_note
+    if section.privacy_audit is not None:
+        out["privacy_audit"] = {model: {k: v for k, v in entry.items() if k != "attacks"} | {
+            "attacks": {name: {k: v for k, v in a.items() if not k.startswith("roc_")}
+                        for name, a in entry["attacks"].items()}} for model, entry in section.privacy_audit["models"].items()}
+    elif section.privacy_audit_note:
+        out["privacy_audit_note"] = section.privacy_audit_note
     return out
 
 
 # ----------------------------------------------------------------------------------------------- entry point
 def build_report(run_dirs: list[str | Path], *, out: str | Path | None = None, summary: str | Path | None = None,
                  gate_factory: Callable[[], object] | None = None, anonymization: str | Path | None = None,
-                 log_fn: Callable[[str], None] = print) -> ReportResult:
+                 log_fn: Callable[[str], None] = print, privacy_audit: bool = True) -> ReportResult:
     """Write the report of ``run_dirs`` (one or several runs) and its ``summary.json``.
 
     ``gate_factory`` builds the egress gate (it may train a stylizer the first time); when it is None or fails,
     the report is written without face images and says why. Raises :class:`RunDirError` when a folder is not a
-    facefl run.
+    facefl run. With ``privacy_audit`` a run without an audit of its latest checkpoint is audited
+    (:func:`privacy_audit_for`).
     """
     if not run_dirs:
         raise RunDirError("Give at least one run directory.")
@@ -245,7 +270,11 @@ def build_report(run_dirs: list[str | Path], *, out: str | Path | None = None, s
     sections = []
     for run in runs:
         log_fn(f"report: evaluating {run.name} (round {run.checkpoint_round or 0} of {run.cfg.num_rounds})")
-        sections.append(evaluate_run(run, gate, stats, image_note=image_note))
+        section = evaluate_run(run, gate, stats, image_note=image_note)
+        if privacy_audit and run.state is not None and not (run.path / "privacy_audit.json").is_file():
+            log_fn(f"report: auditing {run.name} for membership inference (`facefl audit privacy`)")
+        section.privacy_audit, section.privacy_audit_note = privacy_audit_for(run, run_audit=privacy_audit)
+        sections.append(section)
 
     generated = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     gifs: list[Path] = []
@@ -268,6 +297,10 @@ def build_report(run_dirs: list[str | Path], *, out: str | Path | None = None, s
         "morph_gifs": [str(g.resolve()) for g in gifs],
     }
     atomic_write_json(summary_file, json_safe(document))
+    if len(runs) == 1:  # a tracked run's MLflow run gets its report
+        from server.tracking import track_report
+
+        track_report(runs[0].path, [out_path, summary_file, *gifs])
     return ReportResult(out_path, summary_file, gifs, stats)
 
 

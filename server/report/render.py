@@ -233,6 +233,51 @@ def privacy(sections: list[RunSection]) -> dict:
     return {"chart": chart, "runs": runs}
 
 
+MODEL_NAMES = {"embedding": "embedding", "vae": "VAE"}
+
+
+def membership(sections: list[RunSection]) -> dict | None:
+    """The membership-inference audit: ROC charts (linear and log FPR) per model, one table row per run, model and
+    attack, and the runs without an audit with the reason; None when no run has an audit or a note."""
+    audited = [s for s in sections if s.privacy_audit is not None]
+    notes = [(s.data.name, s.privacy_audit_note) for s in sections if s.privacy_audit is None and s.privacy_audit_note]
+    if not audited and not notes:
+        return None
+    many = len(sections) > 1
+    charts, rows = [], []
+    for model in ("embedding", "vae"):
+        series = []
+        for s in audited:
+            entry = s.privacy_audit["models"].get(model)
+            if entry is None:
+                continue
+            for name, a in entry["attacks"].items():
+                label = name + (f" — {s.data.name}" if many else "")
+                series.append(Series(label, a["roc_fpr"], a["roc_tpr"], markers=False))
+                eps = entry["accountant_epsilon"]
+                rows.append([s.data.name, MODEL_NAMES[model], name, a["auc"],
+                             f"{a['auc_ci'][0]:.3f}–{a['auc_ci'][1]:.3f}", a["tpr_at_fpr_1pct"],
+                             a["tpr_at_fpr_0.1pct"], a["epsilon_lower_bound"], a["epsilon_estimate"],
+                             eps if math.isfinite(eps) else "no DP", f"{a['members']} / {a['non_members']}"])
+        if series:
+            title = f"Membership inference, {MODEL_NAMES[model]}"
+            charts.append(line_chart(series, title=title, x_label="false positive rate",
+                                     y_label="true positive rate", x_range=(0.0, 1.0), y_range=(0.0, 1.0),
+                                     diagonal=True))
+            charts.append(line_chart(series, title=title + ", log scales", x_label="false positive rate (log)",
+                                     y_label="true positive rate (log)", x_log=True, y_log=True,
+                                     x_range=(1e-3, 1.0), y_range=(1e-3, 1.0), diagonal=True))
+    first = audited[0].privacy_audit if audited else {}
+    attacks = {}
+    for s in audited:
+        for model, entry in s.privacy_audit["models"].items():
+            for name, a in entry["attacks"].items():
+                attacks[f"{MODEL_NAMES[model]}, {name}"] = a.get("description", "")
+    return {"charts": charts, "rows": rows, "notes": notes, "game": first.get("game", ""),
+            "reference": first.get("reference", ""), "limits": first.get("limits", ""),
+            "confidence": first.get("confidence", 0.95), "attacks": list(attacks.items())}
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 def embedding_eval(sections: list[RunSection]) -> dict | None:
     """ROC charts, one pair-distance histogram per run, and one metrics row per run; None when nothing was
@@ -370,6 +415,7 @@ def render_report(sections: list[RunSection], *, generated: str, report_versions
         comparison=comparison(sections),
         curves=learning_curves(sections),
         privacy=privacy(sections),
+        membership=membership(sections),
         embedding=embedding_eval(sections),
         vae=vae_section(sections, gif_names),
         anonymization=anonymization_section(gate, anonymization),

@@ -66,6 +66,8 @@ class RunSection:
     embedding: EmbeddingEval | None = None
     vae: VaeSection | None = None
     evaluation_note: str = ""
+    privacy_audit: dict | None = None  # server.privacy_audit.audit_run's result for the latest checkpoint
+    privacy_audit_note: str = ""  # why there is none
 
 
 @dataclass
