@@ -15,6 +15,7 @@ site process; the version with more recorded steps wins, so epsilon never decrea
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,11 +23,55 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from opacus.accountants import create_accountant
+from opacus.accountants.analysis import rdp as _opacus_rdp
 from opacus.accountants.utils import get_noise_multiplier
 
 from common.atomic import atomic_write_json
 
 log = logging.getLogger("facefl.privacy")
+
+
+# Accounting is most of a small site's fixed cost per round: Opacus' PRV accountant sizes its domain with the RDP of
+# every (sampling rate, noise) pair at ~150 orders, a pure-Python series per fractional order (about 0.3 s a call),
+# and the noise search repeats it some 15 times. The three pure functions below are memoized for the life of the
+# process, which gives the same floats as before: ``_compute_rdp(q, sigma, alpha)`` (shared by every site with the
+# same sampling rate, and by the search's bisection steps, which coincide across sites until their budgets part),
+# the epsilon of a history, and the planned noise multiplier.
+_RDP_UNCACHED = getattr(_opacus_rdp._compute_rdp, "__wrapped__", _opacus_rdp._compute_rdp)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _cached_rdp(q: float, sigma: float, alpha: float) -> float:
+    return _RDP_UNCACHED(q, sigma, alpha)
+
+
+def _install_rdp_cache() -> None:
+    if getattr(_opacus_rdp._compute_rdp, "__wrapped__", None) is not _RDP_UNCACHED:
+        def compute_rdp(q: float, sigma: float, alpha: float) -> float:
+            return _cached_rdp(float(q), float(sigma), float(alpha))
+
+        compute_rdp.__wrapped__ = _RDP_UNCACHED
+        _opacus_rdp._compute_rdp = compute_rdp
+
+
+_install_rdp_cache()
+
+
+@functools.lru_cache(maxsize=4096)
+def history_epsilon(accountant: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Epsilon of a merged mechanism history at ``delta`` (memoized: a round asks for it several times)."""
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def planned_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """The noise multiplier that spends exactly ``target_epsilon`` in ``steps`` steps (memoized)."""
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant, epsilon_tolerance=0.01))
 
 LEDGER_FILE = "privacy_ledger.json"
 LEDGER_VERSION = 1
@@ -96,12 +141,7 @@ class PrivacyLedger:
 
     def epsilon(self, extra: list[tuple[float, float, int]] | tuple = ()) -> float:
         """Epsilon of the whole history (plus ``extra`` planned mechanisms) at this ledger's delta."""
-        history = _merge([*map(tuple, self.history), *extra])
-        if not history:
-            return 0.0
-        acc = create_accountant(self.accountant)
-        acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-        return float(acc.get_epsilon(delta=self.delta))
+        return history_epsilon(self.accountant, tuple(_merge([*map(tuple, self.history), *extra])), self.delta)
 
     @property
     def spent(self) -> float:
@@ -111,16 +151,7 @@ class PrivacyLedger:
         """Fix the noise multiplier (once) so that ``budget_rounds`` rounds spend exactly the budget."""
         if self.noise_multiplier is None:
             total = steps_per_round * budget_rounds
-            self.noise_multiplier = float(
-                get_noise_multiplier(
-                    target_epsilon=self.target_epsilon,
-                    target_delta=self.delta,
-                    sample_rate=sample_rate,
-                    steps=total,
-                    accountant=self.accountant,
-                    epsilon_tolerance=0.01,
-                )
-            )
+            self.noise_multiplier = planned_noise(self.target_epsilon, self.delta, sample_rate, total, self.accountant)
             log.info("site %s: noise multiplier %.4f for %d steps at q=%.4f (eps %.2f, delta %.2e)",
                      self.site, self.noise_multiplier, total, sample_rate, self.target_epsilon, self.delta)
         return self.noise_multiplier

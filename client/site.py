@@ -138,7 +138,7 @@ def skipped_counts(faces: FaceSet) -> dict[str, float]:
 def metric_keys(cfg: RunConfig) -> list[str]:
     """Keys every reply of a run carries (Flower requires the same keys from every site)."""
     keys = ["num-examples", "num-identities", "declined", "epsilon", "target-epsilon", "delta", "noise-multiplier",
-            "sample-rate", "train-seconds", "skipped-images", "skipped-identities"]
+            "sample-rate", "train-seconds", "fit-seconds", "skipped-images", "skipped-identities"]
     if cfg.trains_embedding:
         keys += ["embedding-train-loss", "embedding-train-accuracy", "embedding-val-accuracy"]
     if cfg.trains_vae:
@@ -194,13 +194,16 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
     models.load_state_dict(global_state)
     seed = cfg.seed * 100_003 + server_round * 101 + (site.index or 0)
     mechanisms: list[tuple[float, float, int]] = []
+    metrics["fit-seconds"] = 0.0  # of train-seconds, the time in training steps (the rest is fixed cost per round)
     if models.embedding is not None:
+        fit_start = time.perf_counter()
         head = MarginHead(cfg.embedding_dim, train.num_identities)
         if state.head is not None and state.head.get("weight", torch.empty(0)).shape == head.weight.shape:
             head.load_state_dict(state.head)
         res = train_embedding(models.embedding, head, train, dp=dp, seed=seed, optimizer_state=state.optimizer,
                               proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
                               **embedding_settings(cfg, server_round))
+        metrics["fit-seconds"] += time.perf_counter() - fit_start
         mechanisms += res.mechanisms
         state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         state.optimizer = res.optimizer_state
@@ -214,6 +217,7 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
             if state.discriminator is not None:
                 disc.load_state_dict(state.discriminator)
         vae_dp = DPSettings(dp.noise_multiplier, cfg.vae_max_grad_norm) if dp is not None else None
+        fit_start = time.perf_counter()
         res = train_vae(models.vae, train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                         lr=cfg.vae_learning_rate, beta=cfg.vae_beta, recon=cfg.vae_recon, augment=cfg.augment,
                         dp=vae_dp, discriminator=disc,
@@ -221,6 +225,7 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
                         perceptual=_perceptual_loss(str(cfg.cache_dir or default_cache_dir()))
                         if cfg.vae_perceptual else None,
                         perceptual_weight=cfg.vae_perceptual)
+        metrics["fit-seconds"] += time.perf_counter() - fit_start
         mechanisms += res.mechanisms
         if disc is not None:
             state.discriminator = {k: v.detach().clone() for k, v in disc.state_dict().items()}

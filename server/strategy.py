@@ -115,7 +115,7 @@ class SiteAwareMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         absolute = server_round + self.round_offset
         report = RoundReport()
-        usable: list[Message] = []
+        usable: list = []
         for msg in replies:
             node = f"node-{msg.metadata.src_node_id}"
             if msg.has_error():
@@ -143,7 +143,10 @@ class SiteAwareMixin:
                 report.rejected[name] = str(exc)
                 log.warning("round %d: update from %s rejected: %s", absolute, name, exc)
                 continue
-            usable.append(msg)
+            usable.append((name, msg))
+        # In the order of the sites' names, not of arrival: floating-point sums depend on the order, and replies
+        # arrive in whatever order the sites finish, so only this makes a run with a fixed seed repeat bit for bit.
+        usable = [msg for _, msg in sorted(usable, key=lambda pair: pair[0])]
         self.reports[absolute] = report
         if report.declined:
             log.info("round %d: declined (privacy budget): %s", absolute, ", ".join(sorted(report.declined)))

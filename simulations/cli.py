@@ -94,7 +94,11 @@ def simulate(
                                            "to MLflow (needs the mlflow extra)."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: a local store in the run "
                                                "directory, RUN/mlflow.db)."),
-    cpus_per_site: float = typer.Option(1.0, help="CPU cores reserved per simulated site."),
+    cpus_per_site: float = typer.Option(1.0, help="CPU cores each simulated site's Ray actor holds (the number of "
+                                        "sites training at once is the cluster's cores divided by this)."),
+    gpus_per_site: float = typer.Option(0.0, help="GPUs each simulated site's actor holds (a fraction shares one)."),
+    ray_address: Optional[str] = typer.Option(None, help="Join this running Ray cluster (HEAD:6379, or auto) "
+                                              "instead of starting Ray on this machine; see the README."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report.html and summary.json at "
                                 "the end (see `facefl report`)."),
     privacy_audit: bool = typer.Option(False, "--privacy-audit", help="Audit the final models for membership "
@@ -120,7 +124,8 @@ def simulate(
                   f"{cfg.strategy}, {privacy}; {what}")
     console.print(f"run directory: {cfg.run_dir}")
     try:
-        run_dir = run_sim(cfg, num_sites, cpus_per_site=cpus_per_site, verbose=verbose)
+        run_dir = run_sim(cfg, num_sites, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
+                          ray_address=ray_address, verbose=verbose)
     except Exception:
         if report:  # the completed rounds of a failed run are still worth a page
             try:
@@ -402,6 +407,31 @@ def bench_privacy(
         raise typer.BadParameter("--rounds, --sites and --overfit-epochs must be at least 1.")
     run_privacy_bench(data=data, rounds=rounds, sites=sites, epsilons=eps, overfit_identities=overfit_identities,
                       overfit_epochs=overfit_epochs, out=Path(out), console=Console(width=170), retrain=retrain)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    data: str = typer.Option(..., help="LFW root (the View-1 training people are split over the sites)."),
+    sites: str = typer.Option("10,30,100", help="Comma-separated numbers of sites."),
+    rounds: int = typer.Option(2, help="Federated rounds of each run."),
+    fraction_train: float = typer.Option(1.0, help="Share of the sites sampled to train in each round."),
+    cpus_per_site: float = typer.Option(1.0, help="CPU cores each site's Ray actor holds."),
+    set_: list[str] = typer.Option([], "--set", help="Any other run-config key, KEY=VALUE (repeatable)."),
+    out: str = typer.Option("runs/bench-scale", help="Folder for the benchmark's runs and its JSON summary."),
+) -> None:
+    """Many small sites on this machine: seconds per round and per site, the share of a site's time spent training,
+    and the peak memory of the whole process tree."""
+    from simulations.bench_scale import run_scale_bench
+
+    _setup_logging(False)
+    try:
+        counts = tuple(int(n) for n in sites.split(",") if n.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--sites takes comma-separated numbers such as 10,30,100; got {sites!r}.")
+    if not counts or min(counts) < 2 or rounds < 1 or not 0 < fraction_train <= 1:
+        raise typer.BadParameter("--sites must be 2 or more each, --rounds at least 1, --fraction-train in (0, 1].")
+    run_scale_bench(data=data, site_counts=counts, rounds=rounds, fraction=fraction_train, out=Path(out),
+                    console=Console(width=160), cpus_per_site=cpus_per_site, set_values=_parse_sets(set_))
 
 
 @bench_app.command("vae")

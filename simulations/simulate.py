@@ -8,6 +8,7 @@ whether it completes, fails or is interrupted.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -53,10 +54,31 @@ def prepare_config(cfg: RunConfig, *, num_sites: int, out: str | None = None, re
     return cfg
 
 
-def simulate(cfg: RunConfig, num_sites: int, *, cpus_per_site: float = 1.0, verbose: bool = False) -> Path:
+def backend_config(*, cpus_per_site: float = 1.0, gpus_per_site: float = 0.0, ray_address: str | None = None,
+                   verbose: bool = False) -> dict:
+    """Flower's Ray backend settings: the resources each simulated site's actor holds, and how Ray starts.
+
+    Without ``ray_address`` Ray starts on this machine with its cores (the dashboard off). With it, the run joins
+    that running Ray cluster (``ray start --head`` on one machine, ``ray start --address=HEAD:6379`` on the
+    others; ``auto`` finds a cluster started on this machine): the cluster's resources are its own, so nothing
+    about them is passed, and Flower places the sites' actors on all of its nodes."""
+    if cpus_per_site <= 0 or gpus_per_site < 0:
+        raise ConfigError(f"--cpus-per-site must be positive and --gpus-per-site 0 or more; got {cpus_per_site} and "
+                          f"{gpus_per_site}.")
+    init: dict = {"log_to_driver": verbose, "logging_level": "ERROR", "include_dashboard": False}
+    if ray_address:
+        init["address"] = ray_address
+    else:  # "local": a new instance, even when `ray start` left a cluster running on this machine
+        init.update(address="local", num_cpus=max(os.cpu_count() or 1, int(math.ceil(cpus_per_site))))
+    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site}, "init_args": init}
+
+
+def simulate(cfg: RunConfig, num_sites: int, *, cpus_per_site: float = 1.0, gpus_per_site: float = 0.0,
+             ray_address: str | None = None, verbose: bool = False) -> Path:
     """Run the federation ``cfg`` with ``num_sites`` virtual sites; returns the run directory.
 
-    ``cfg`` must come from :func:`prepare_config` (absolute run directory).
+    ``cfg`` must come from :func:`prepare_config` (absolute run directory). ``ray_address`` joins a running Ray
+    cluster (see :func:`backend_config`); this process only disconnects from it at the end.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -81,11 +103,8 @@ def simulate(cfg: RunConfig, num_sites: int, *, cpus_per_site: float = 1.0, verb
             if handler is not file_handler:
                 handler.setLevel(logging.ERROR)
     overrides = cfg.to_mapping()
-    backend = {
-        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(os.cpu_count() or 1, int(cpus_per_site)), "include_dashboard": False,
-                      "log_to_driver": verbose, "logging_level": "ERROR"},
-    }
+    backend = backend_config(cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site, ray_address=ray_address,
+                             verbose=verbose)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
