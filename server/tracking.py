@@ -69,6 +69,7 @@ class MlflowTracker:
             return existing
         _, client_cls = _mlflow()
         uri = cfg.tracking_uri or local_uri(run_dir)
+        _check_reachable(uri)
         try:
             client = client_cls(tracking_uri=uri)
             experiment = client.get_experiment_by_name(cfg.tracking_experiment)
@@ -151,6 +152,22 @@ class MlflowTracker:
 
     def finish(self, status: str = "completed") -> None:
         self._call("set_terminated", self.run_id, "FINISHED" if status == "completed" else "FAILED")
+
+
+def _check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """A tracking server that does not answer fails the run at once (MLflow's client would retry for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"Cannot reach the MLflow tracking server at {uri} ({exc}): start it (`mlflow server`) or "
+                          "check tracking-uri, or set tracking=none.") from exc
 
 
 def _param(key: str, value: str):

@@ -3,8 +3,8 @@ the LFW View-1 training people (DP on, the default embedding model), a simulated
 through Flower's simulation engine; printed per number of sites and round: seconds per round, seconds per site
 (the round's actor time divided among its sites), the share of a site's time spent in training steps, and the peak
 memory of the whole process tree (this process, Ray and its workers), sampled every half second from ``/proc``.
-Everything is written to ``<out>/bench-scale.json``, with the global metrics of every round (the same seed gives the
-same result)."""
+Everything is written to ``<out>/bench-scale.json`` (``bench-scale-fraction-F.json`` with ``--fraction-train F``),
+with the global metrics of every round (the same seed gives the same result)."""
 
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ def run_scale_bench(*, data: str, site_counts: tuple[int, ...], rounds: int, fra
     out.mkdir(parents=True, exist_ok=True)
     warnings.filterwarnings("ignore", message=".*Secure RNG.*")
     actors = max(1, int((os.cpu_count() or 1) // cpus_per_site))
+    summary = out / ("bench-scale.json" if fraction == 1 else f"bench-scale-fraction-{fraction:g}.json")
     report: dict = {"data": str(Path(data).resolve()), "rounds": rounds, "fraction_train": fraction,
                     "cores": os.cpu_count(), "actors": actors, "runs": {}}
     for n in site_counts:
@@ -117,7 +118,7 @@ def run_scale_bench(*, data: str, site_counts: tuple[int, ...], rounds: int, fra
         final = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["global"]
         report["runs"][str(n)] = {"run_dir": str(run_dir), "wall_seconds": wall, "peak_memory_gb": memory.peak / 2**30,
                                   "rounds": rows, "final_global": final}
-        atomic_write_json(out / "bench-scale.json", report)
+        atomic_write_json(summary, report)
         for r in rows:
             console.print(f"  round {r['round']}: {r['seconds']:.0f} s, {r['sites_trained']} sites, "
                           f"{r['seconds_per_site']:.2f} s per site, training {r['training_share']:.0%}")
@@ -130,6 +131,6 @@ def run_scale_bench(*, data: str, site_counts: tuple[int, ...], rounds: int, fra
             table.add_row(n, str(r["round"]), str(r["sites_trained"]), f"{r['seconds']:.1f}",
                           f"{r['seconds_per_site']:.2f}", f"{r['training_share']:.0%}", f"{run['peak_memory_gb']:.2f}")
     console.print(table)
-    atomic_write_json(out / "bench-scale.json", report)
-    console.print(f"wrote {out / 'bench-scale.json'}")
+    atomic_write_json(summary, report)
+    console.print(f"wrote {summary}")
     return report

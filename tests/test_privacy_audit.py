@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -136,7 +138,9 @@ def test_a_tracked_run_logs_config_rounds_epsilons_audit_and_report_to_mlflow(ov
     history = client.get_metric_history(info["run_id"], "embedding/accuracy")
     assert [m.step for m in history] == [r["round"] for r in metrics["rounds"]]
     assert [m.value for m in history] == pytest.approx([r["global"]["embedding/accuracy"] for r in metrics["rounds"]])
-    assert [m.step for m in client.get_metric_history(info["run_id"], "privacy/site-1/epsilon")] == [0, 1, 2]
+    trained = [r["round"] for r in metrics["rounds"] if "site-1" in r.get("sites", {})]
+    assert trained == [1, 2]  # each site's epsilon from the first round it reported
+    assert [m.step for m in client.get_metric_history(info["run_id"], "privacy/site-1/epsilon")] == trained
     audit = json.loads((run / AUDIT_FILE).read_text())
     assert client.get_run(info["run_id"]).data.metrics["audit/embedding/margin/auc"] == pytest.approx(
         audit["models"]["embedding"]["attacks"]["margin"]["auc"])
@@ -149,6 +153,11 @@ def test_tracking_settings_are_validated_and_an_unreachable_server_fails_fast(tm
         RunConfig(tracking="wandb")
     from server.tracking import MlflowTracker
 
-    cfg = RunConfig(tracking="mlflow", tracking_uri=f"sqlite:///{tmp_path}/no/such/folder/mlflow.db")
-    with pytest.raises(ConfigError, match="Cannot log to MLflow at sqlite"):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = RunConfig(tracking="mlflow", tracking_uri=f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="Cannot reach the MLflow tracking server"):
         MlflowTracker.start(cfg, tmp_path / "run")
+    assert time.monotonic() - start < 30 and not (tmp_path / "run" / "tracking.json").exists()
