@@ -308,7 +308,7 @@ def audit_summary(result: dict) -> str:
         for name, a in entry["attacks"].items():
             lines.append(f"  {name}: AUC {a['auc']:.3f} [{a['auc_ci'][0]:.3f}, {a['auc_ci'][1]:.3f}], TPR "
                          f"{a['tpr_at_fpr_1pct']:.3f} at FPR 1%, {a['tpr_at_fpr_0.1pct']:.3f} at 0.1%, epsilon >= "
-                         f"{a['epsilon_lower_bound']:.2f} ({a['confidence']:.0%} confidence; estimate "
+                         f"{a['epsilon_lower_bound']:.2f} ({a['confidence']:.1%} confidence; estimate "
                          f"{a['epsilon_estimate']:.2f})")
     return "\n".join(lines)
 

@@ -38,7 +38,9 @@ ATTACKS = {
     "embedding": {"margin": "margin score of the site's private head (Carlini et al. 2022)",
                   "calibrated": "the head's margin less what a reference model's similarity of the face to the "
                                 "person's other training faces predicts (difficulty calibration, Watson et al. "
-                                "2022)"},
+                                "2022)",
+                  "similarity": "similarity to the person's other training faces (no site head was found)",
+                  "calibrated-similarity": "that similarity relative to a reference model's"},
 }
 LIMITS = ("An audit gives a lower bound on epsilon for these attacks at this confidence: it can show that a model "
           "leaks, never that it does not. Stronger attacks (many shadow models, canaries crafted to be memorised, "
@@ -194,7 +196,9 @@ def audit_run(run_dir: str | Path, *, sites: int | None = None, settings: AuditS
     }
 
     def rates(scores_in, scores_out, salt: int) -> AttackRates:
-        return attack_rates(scores_in, scores_out, delta=delta, confidence=settings.confidence,
+        # Two attacks per model, and the model's bound is the larger of theirs: each is taken at 1 - alpha / 2
+        # (Bonferroni), so that the larger one holds at the stated confidence.
+        return attack_rates(scores_in, scores_out, delta=delta, confidence=1 - (1 - settings.confidence) / 2,
                             seed=settings.seed + salt)
 
     if models.vae is not None:
@@ -215,7 +219,8 @@ def audit_run(run_dir: str | Path, *, sites: int | None = None, settings: AuditS
             attacks["calibrated"] = rates(*calibrate(*target["margin"], r_in, r_out), 4)
         else:  # no site heads: the backbone's own similarity, relative to the reference's
             (t_in, t_out) = target["centroid"]
-            attacks["calibrated"] = rates(t_in - r_in, t_out - r_out, 4)
+            attacks["similarity"] = rates(t_in, t_out, 3)
+            attacks["calibrated-similarity"] = rates(t_in - r_in, t_out - r_out, 4)
         result["models"]["embedding"] = _model_entry("embedding", attacks, cfg, epsilon, delta)
     if write:
         from server.tracking import track_audit
@@ -229,7 +234,7 @@ def _model_entry(kind: str, attacks: dict[str, AttackRates], cfg: RunConfig, eps
     best_auc = max(a.auc for a in attacks.values())
     lower = max(a.epsilon_lower for a in attacks.values())
     return {"dp": cfg.dp, "accountant_epsilon": epsilon, "delta": delta, "best_auc": best_auc,
-            "epsilon_lower_bound": lower, "consistent": bool(lower <= epsilon),
+            "epsilon_lower_bound": lower, "confidence": 1 - 2 * (1 - next(iter(attacks.values())).confidence), "consistent": bool(lower <= epsilon),
             "attacks": {name: {"description": ATTACKS[kind][name], **a.to_json()} for name, a in attacks.items()}}
 
 
