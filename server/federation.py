@@ -85,7 +85,13 @@ def run_federation(grid, cfg: RunConfig) -> Path:
                               "max_update_norm": cfg.max_update_norm, "min_sites": cfg.min_sites,
                               "secure_aggregation": cfg.secure_aggregation})
     seen: set[str] = set()
-    tracker = start_tracking(cfg, run.path)
+    try:
+        tracker = start_tracking(cfg, run.path)
+    except Exception as exc:  # an unreachable tracking server: the run ends before its first round, and says why
+        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
+        audit.append("run-finished", status="failed", error=f"{type(exc).__name__}: {exc}",
+                     completed_rounds=run.metrics["run"].get("completed_rounds", 0))
+        raise
     state = checkpoint["state_dict"] if checkpoint else reference
     if checkpoint:
         models.load_state_dict(state)
