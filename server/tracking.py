@@ -181,23 +181,22 @@ def start_tracking(cfg: RunConfig, run_dir: Path) -> MlflowTracker | None:
     return MlflowTracker.start(cfg, run_dir) if cfg.tracking == "mlflow" else None
 
 
-def track_report(run_dir: str | Path, files: list[Path]) -> None:
-    """Log a report's files to the run's MLflow run, if the run is tracked."""
+def _run_tracker(run_dir: str | Path) -> MlflowTracker | None:
+    """The tracker of a run that is tracked, None otherwise (or when MLflow is missing, with a warning)."""
     try:
-        tracker = MlflowTracker.open(run_dir)
+        return MlflowTracker.open(run_dir)
     except ConfigError as exc:
         log.warning("%s", exc)
-        return
-    if tracker is not None:
+        return None
+
+
+def track_report(run_dir: str | Path, files: list[Path]) -> None:
+    """Log a report's files to the run's MLflow run, if the run is tracked."""
+    if (tracker := _run_tracker(run_dir)) is not None:
         tracker.log_artifacts(files)
 
 
 def track_audit(run_dir: str | Path, audit: dict) -> None:
     """Log an audit's figures to the run's MLflow run, if the run is tracked."""
-    try:
-        tracker = MlflowTracker.open(run_dir)
-    except ConfigError as exc:
-        log.warning("%s", exc)
-        return
-    if tracker is not None:
+    if (tracker := _run_tracker(run_dir)) is not None:
         tracker.log_audit(audit)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.site import HEAD_FILE
 from common.atomic import atomic_write_json
 from common.config import RunConfig
 from common.data.sources import site_faces
@@ -31,7 +32,6 @@ from server.rundir import METRICS_FILE, RunDirError, load_run_models
 log = logging.getLogger("facefl.privacy_audit")
 
 AUDIT_FILE = "privacy_audit.json"
-HEAD_FILE = "margin_head.pt"  # client.site.HEAD_FILE
 ATTACKS = {
     "vae": {"loss": "loss threshold (Yeom et al. 2018)",
             "calibrated": "loss relative to a reference VAE (difficulty calibration, Watson et al. 2022)"},
