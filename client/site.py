@@ -120,7 +120,7 @@ def embedding_settings(cfg: RunConfig, server_round: int) -> dict:
     rates follow the schedule); a centralized epoch that stands for a round uses them too (``facefl bench``)."""
     factor = cfg.lr_factor(server_round)
     return {"epochs": cfg.local_epochs, "batch_size": cfg.batch_size, "lr": cfg.embedding_lr * factor,
-            "backbone_lr": cfg.backbone_lr * factor or None, "optimizer": cfg.embedding_optimizer, "loss": cfg.loss,
+            "backbone_lr": cfg.backbone_learning_rate * factor, "optimizer": cfg.embedding_optimizer, "loss": cfg.loss,
             "margin": cfg.margin, "scale": cfg.scale, "augment": cfg.augment,
             "feature_cache": Path(cfg.cache_dir or default_cache_dir()) / FEATURES_DIR}
 

@@ -15,13 +15,18 @@ from typing import Any, Mapping
 
 TASKS = ("embedding", "vae", "both")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
-MODELS = ("compact", "inception", "scatternet", "dlib-resnet")
+MODELS = ("auto", "compact", "inception", "scatternet", "dlib-resnet")
 TRAINABLE = ("auto", "all", "last-stage", "projection")
 DLIB_CHIP_SIZE = 150  # dlib's face ResNet reads 150x150 dlib face chips
 LOSSES = ("arcface", "cosface", "triplet")
 PARTITIONS = ("iid", "dirichlet")
 OPTIMIZERS = ("auto", "sgd", "adamw")
 DEFAULT_LRS = {"sgd": 0.1, "adamw": 2e-3}
+# The measured recipe for dlib's pretrained face ResNet (`facefl bench train`, README "Face models"): only the
+# projection trains, gently (its learning rate 1e-4), the sites' new margin heads learn at 0.5, batch 256 (the noise
+# on DP-SGD's averaged gradient shrinks as 1/batch). model=auto, trainable=auto, lr=0, backbone-lr=0 and batch-size=0
+# resolve to it for real faces.
+PRETRAINED_RECIPE = {"trainable": "projection", "lr": 0.5, "backbone_lr": 1e-4, "batch_size": 256}
 LR_SCHEDULES = ("cosine", "constant")
 ACCOUNTANTS = ("prv", "rdp")
 RECON_LOSSES = ("l1", "l2")
@@ -63,15 +68,15 @@ class RunConfig:
     secagg_timeout: float = 120.0  # seconds each key-exchange / unmasking stage waits (training: round-timeout)
     # Local training
     local_epochs: int = 1  # passes over a site's faces per round
-    batch_size: int = 32  # expected (logical) batch; DP-SGD samples batches with Poisson sampling
+    batch_size: int = 0  # expected (logical) batch (Poisson-sampled under DP); 0 = the model's recipe (see batch_for)
     image_size: int = 64  # face crops are resized to this many pixels a side
     optimizer: str = "auto"  # embedding model: auto (dlib-resnet: sgd, from scratch: adamw) | sgd | adamw
     lr: float = 0.0  # embedding model; 0 = the optimizer's default (SGD with momentum 0.9: 0.1; AdamW: 0.002)
     lr_schedule: str = "cosine"  # cosine (decays over the planned rounds, to about 0 at the last) | constant
-    backbone_lr: float = 0.0  # learning rate of the embedding backbone; 0 = lr (a pretrained one wants far less)
+    backbone_lr: float = 0.0  # learning rate of the embedding backbone; 0 = dlib-resnet: 1e-4, from scratch: lr
     vae_lr: float = 0.0  # VAE (Adam); 0 = 1e-3 without DP, 2e-3 under DP-SGD
-    model: str = "compact"  # compact | inception | scatternet (from scratch) | dlib-resnet (pretrained face ResNet)
-    trainable: str = "auto"  # which part trains: auto (dlib-resnet: last-stage, else all) | all | last-stage | projection
+    model: str = "auto"  # auto | compact | inception | scatternet (from scratch) | dlib-resnet (pretrained face ResNet)
+    trainable: str = "auto"  # which part trains: auto (dlib-resnet: projection, else all) | all | last-stage | projection
     embedding_dim: int = 128  # length of a face embedding
     weights_path: str = ""  # optional local pretrained weights for the embedding model ...
     weights_sha256: str = ""  # ... checked against this hash (nothing is ever downloaded)
@@ -93,6 +98,12 @@ class RunConfig:
     heldout_fraction: float = 0.15  # share of identities held out for the server (non-LFW data)
     eval_pairs: int = 0  # 0 = all held-out pairs
     eval_faces: int = 256  # faces per held-out evaluation of the VAE
+    mask_probability: float = 0.0  # share of sites' (and validation people's) faces given a synthetic mask (seeded)
+    validation_people: int = 100  # training people held out for the server's validation (never a site's); 0 = none
+    # Keep the previous global model when a round lowers the validation people's ROC AUC below the best so far
+    # less this tolerance (logged as a rejected round); needs validation-people > 0. Test pairs never choose a model.
+    reject_worse_rounds: bool = True
+    reject_tolerance: float = 0.0
     # Differential privacy (per site, example-level)
     dp: bool = True  # DP-SGD (Opacus) at every site
     target_epsilon: float = 8.0  # each site's total budget, over all rounds
@@ -113,6 +124,8 @@ class RunConfig:
 
 
     def __post_init__(self) -> None:
+        self._resolve_auto()
+
         def choice(name: str, allowed: tuple[str, ...]) -> None:
             value = getattr(self, name)
             if value not in allowed:
@@ -138,18 +151,21 @@ class RunConfig:
         choice("tracking", TRACKERS)
         if self.tracking != "none" and not self.tracking_experiment.strip():
             raise ConfigError("tracking-experiment must name an MLflow experiment; got an empty name.")
-        for name in ("num_rounds", "local_epochs", "batch_size", "embedding_dim", "latent_channels", "min_sites",
+        for name in ("num_rounds", "local_epochs", "embedding_dim", "latent_channels", "min_sites",
                      "scale", "max_grad_norm", "vae_max_grad_norm", "target_epsilon", "dirichlet_alpha",
                      "round_timeout", "server_lr", "quorum_timeout", "secagg_clip_range", "secagg_max_examples",
                      "secagg_timeout"):
             positive(name)
         for name in ("proximal_mu", "margin", "vae_beta", "vae_perceptual", "max_identities", "eval_pairs", "eval_faces",
-                     "planned_rounds", "target_delta", "max_update_norm", "backbone_lr", "lr", "vae_lr"):
+                     "planned_rounds", "target_delta", "max_update_norm", "backbone_lr", "lr", "vae_lr",
+                     "validation_people", "reject_tolerance", "batch_size"):
             positive(name, allow_zero=True)
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train!r}.")
         if not 0.0 <= self.val_fraction < 0.5:
             raise ConfigError(f"val-fraction must be in [0, 0.5); got {self.val_fraction!r}.")
+        if not 0.0 <= self.mask_probability <= 1.0:
+            raise ConfigError(f"mask-probability must be in [0, 1]; got {self.mask_probability!r}.")
         if not 0.0 < self.heldout_fraction < 0.5:
             raise ConfigError(f"heldout-fraction must be in (0, 0.5); got {self.heldout_fraction!r}.")
         if self.model == "dlib-resnet":
@@ -193,6 +209,17 @@ class RunConfig:
             )
         if bool(self.weights_path) != bool(self.weights_sha256):
             raise ConfigError("weights-path and weights-sha256 go together: give both (the file is checked by hash).")
+
+    def _resolve_auto(self) -> None:
+        """``model=auto`` and ``batch-size=0`` become what ``facefl bench train`` measured best: dlib's pretrained
+        face ResNet (:data:`PRETRAINED_RECIPE`) for a face-embedding run on real faces (``data`` set); the compact
+        CNN for the synthetic smoke test (no ``data``) and for the VAE's runs (``task`` vae or both: they share
+        aligned 64 px faces). A value given by name is kept."""
+        if self.model == "auto":
+            real = self.task == "embedding" and bool(self.data)
+            object.__setattr__(self, "model", "dlib-resnet" if real else "compact")
+        if self.batch_size == 0:
+            object.__setattr__(self, "batch_size", batch_for(self.model, self.dp))
 
     def _check_dlib_resnet(self) -> None:
         """dlib's ResNet reads 150x150 dlib chips: the default image-size (64) becomes 150, any other is refused."""
@@ -246,7 +273,7 @@ class RunConfig:
         """The part of the embedding model that trains (and travels): ``trainable`` with ``auto`` resolved."""
         if self.trainable != "auto":
             return self.trainable
-        return "last-stage" if self.model == "dlib-resnet" else "all"
+        return PRETRAINED_RECIPE["trainable"] if self.model == "dlib-resnet" else "all"
 
     @property
     def face_mode(self) -> str:
@@ -272,8 +299,31 @@ class RunConfig:
 
     @property
     def embedding_lr(self) -> float:
-        """``lr`` with 0 resolved to the optimizer's default."""
-        return self.lr or DEFAULT_LRS[self.embedding_optimizer]
+        """``lr`` with 0 resolved: the recipe's 0.5 for the margin heads of dlib's backbone fine-tuned with SGD, else
+        the optimizer's default."""
+        if self.lr:
+            return self.lr
+        if self.model == "dlib-resnet" and self.embedding_optimizer == "sgd":
+            return PRETRAINED_RECIPE["lr"]
+        return DEFAULT_LRS[self.embedding_optimizer]
+
+    @property
+    def backbone_learning_rate(self) -> float:
+        """``backbone-lr`` with 0 resolved: 1e-4 for dlib's pretrained backbone, whatever part of it trains (at the
+        heads' rate one DP round took View 1 from 0.989 to 0.756), ``lr`` for a model trained from scratch."""
+        if self.backbone_lr:
+            return self.backbone_lr
+        return PRETRAINED_RECIPE["backbone_lr"] if self.model == "dlib-resnet" else self.embedding_lr
+
+    @property
+    def validates_rounds(self) -> bool:
+        """Whether the server scores each aggregate of the face model on its validation people."""
+        return self.validation_people > 0 and self.trains_embedding
+
+    @property
+    def guards_rounds(self) -> bool:
+        """Whether the server also keeps the previous global model when an aggregate scores worse."""
+        return self.reject_worse_rounds and self.validates_rounds
 
     def lr_factor(self, round_: int) -> float:
         """The learning rates' multiplier in federated round ``round_`` (1-based; a centralized epoch counts as a
@@ -288,6 +338,17 @@ class RunConfig:
     def budget_rounds(self) -> int:
         """Rounds a site spreads its privacy budget over."""
         return self.planned_rounds or self.num_rounds
+
+
+def batch_for(model: str, dp: bool) -> int:
+    """The measured batch size of ``model`` (``batch-size=0``): 256 for dlib's backbone (its recipe) and for the
+    scattering network under DP (the noise on the averaged gradient shrinks as 1/batch), 128 for it without DP,
+    32 for the compact and Inception CNNs (a site's small share of faces still gets several steps a round)."""
+    if model == "dlib-resnet":
+        return PRETRAINED_RECIPE["batch_size"]
+    if model == "scatternet":
+        return 256 if dp else 128
+    return 32
 
 
 def _key(name: str) -> str:

@@ -10,11 +10,12 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from common.audit import AuditLog, app_hash
 from common.config import RunConfig
-from common.data.sources import eval_data
+from common.data.sources import eval_data, validation_data
 from common.models.federated import build_models
 from common.weights import default_cache_dir
 from server.evaluate import evaluate_global
 from server.face_judge import load_face_judge
+from server.round_guard import RoundGuard
 from server.rundir import RunDirectory, default_run_dir
 from server.secure_rounds import run_secure_rounds
 from server.strategy import build_strategy
@@ -23,9 +24,13 @@ from server.tracking import start_tracking
 log = logging.getLogger("facefl.server")
 
 
-def summarize(server_round: int, num_rounds: int, metrics: dict, privacy: dict, seconds: float) -> str:
+def summarize(server_round: int, num_rounds: int, metrics: dict, privacy: dict, seconds: float,
+              guard: dict | None = None) -> str:
     """One human-readable progress line for a round."""
     parts = [f"round {server_round}/{num_rounds}"]
+    if guard and not guard.get("kept", True):
+        parts.append(f"REJECTED (validation AUC {guard['validation_auc']:.4f} < best {guard['best_auc_before']:.4f}): "
+                     "previous model kept")
     if "embedding/accuracy" in metrics:
         parts.append(f"verif acc {metrics['embedding/accuracy']:.3f} auc {metrics['embedding/roc_auc']:.3f}")
     if "vae/psnr" in metrics:
@@ -108,6 +113,11 @@ def run_federation(grid, cfg: RunConfig) -> Path:
     run.metrics["run"]["evaluation"] = data.description
     judge = load_face_judge(cfg.cache_dir or default_cache_dir()) if cfg.trains_vae else None
     strategy = build_strategy(cfg, reference, round_offset=start_round)
+    if cfg.validates_rounds:
+        pairs = validation_data(cfg)
+        if pairs is not None:
+            strategy.guard = RoundGuard(cfg, pairs)
+            run.metrics["run"]["validation"] = pairs.description
     if checkpoint and checkpoint.get("server_state"):
         strategy.load_server_state(checkpoint["server_state"])
     state_root = Path(cfg.state_dir) if cfg.state_dir else run.path / "sites"
@@ -128,7 +138,8 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         audit_round(audit, absolute, report, metrics, run.metrics["privacy"], seen)
         if tracker is not None:
             tracker.log_round(absolute, metrics, run.metrics["privacy"], seconds)
-        log.info("facefl %s", summarize(absolute, cfg.num_rounds, metrics, run.metrics["privacy"], seconds))
+        log.info("facefl %s", summarize(absolute, cfg.num_rounds, metrics, run.metrics["privacy"], seconds,
+                                        report.guard if report is not None else None))
         timer["t"] = time.perf_counter()
         return MetricRecord(metrics)
 

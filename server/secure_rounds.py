@@ -179,7 +179,7 @@ def record_secure_round(strategy: SiteAwareMixin, absolute: int, result: SecureR
             log.warning("round %d: the secure aggregate for %s is malformed or not finite; dropped.", absolute, key)
             return None
         new_state[key] = (ref.double() + torch.from_numpy(np.asarray(delta, dtype=np.float64))).to(ref.dtype)
-    return new_state
+    return strategy.guarded(absolute, report, global_state, new_state)
 
 
 def run_secure_rounds(grid, strategy: SiteAwareMixin, initial_arrays: ArrayRecord, num_rounds: int,

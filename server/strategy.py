@@ -6,7 +6,9 @@ it only wraps ``configure_train`` and ``aggregate_train`` so that:
 - replies from sites that declined (privacy budget spent), failed, or sent an update that is malformed (wrong
   entries, shapes or dtypes, NaN/Inf) or too large (L2 distance to the global model above ``max-update-norm``)
   are left out of the aggregate and recorded, and the round completes with the others;
-- every site's own metrics (loss, cumulative epsilon, ...) are kept for ``metrics.json``.
+- every site's own metrics (loss, cumulative epsilon, ...) are kept for ``metrics.json``;
+- with a :class:`server.round_guard.RoundGuard` (``guard``), an aggregate that scores worse on the server's
+  validation people than the best global model so far is rejected and the previous global model kept.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class RoundReport:
     failed: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
     audit_heads: dict[str, str] = field(default_factory=dict)  # each site's newest audit-log hash
+    guard: dict = field(default_factory=dict)  # the aggregate's validation score; kept False: the round was rejected
 
     def add_reply(self, name: str, metrics: dict[str, float], audit_head: str = "", message: str = "") -> bool:
         """Record a site's reply (its metrics and audit head); True when the site declined the round."""
@@ -104,6 +107,15 @@ class SiteAwareMixin:
         self.max_update_norm = float(max_update_norm)
         self.reports: dict[int, RoundReport] = {}
         self.train_metrics: dict[int, dict[str, float]] = {}
+        self.guard = None  # a server.round_guard.RoundGuard, set by the server when validation people exist
+
+    def guarded(self, absolute: int, report: RoundReport, previous: dict[str, torch.Tensor],
+                candidate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The round's new global model: ``candidate``, or ``previous`` when the guard rejects the round."""
+        if self.guard is None:
+            return candidate
+        report.guard = self.guard.judge(absolute, previous, candidate)
+        return candidate if report.guard["kept"] else previous
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
         absolute = server_round + self.round_offset
@@ -154,6 +166,11 @@ class SiteAwareMixin:
             log.warning("round %d: no usable update; the global model is unchanged.", absolute)
             return None, None
         arrays, metrics = super().aggregate_train(absolute, usable)  # type: ignore[misc]
+        if arrays is not None and self.guard is not None:
+            candidate = arrays.to_torch_state_dict()
+            chosen = self.guarded(absolute, report, self._global, candidate)
+            if chosen is not candidate:
+                arrays = ArrayRecord(chosen)
         if metrics is not None:
             self.train_metrics[absolute] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
         return arrays, metrics

@@ -222,7 +222,9 @@ _SHOWN_SETTINGS = ("model", "trainable", "optimizer", "lr", "backbone-lr", "lr-s
 
 
 def run_bench(*, data: str, rounds: int, scratch_rounds: int, sites: int, epsilons: tuple[float, ...],
-              max_identities: int, parts: list[str], out: Path, console: Console, batch_size: int = 256) -> dict:
+              max_identities: int, parts: list[str], out: Path, console: Console, batch_size: int = 256,
+              site_counts: tuple[int, ...] = (2, 4),
+              trainables: tuple[str, ...] = ("projection", "last-stage", "all"), sets: dict | None = None) -> dict:
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = str(Path(data).expanduser().resolve())
@@ -233,8 +235,20 @@ def run_bench(*, data: str, rounds: int, scratch_rounds: int, sites: int, epsilo
     # shrinks as 1/batch), and large batches also keep federated sites from drifting apart in a round. The
     # from-scratch rows use their recipes' (SCRATCH, SCRATCH_DP, COMPACT).
     base = RunConfig(data=data, num_rounds=rounds, max_identities=max_identities, task="embedding",
-                     batch_size=batch_size)
+                     batch_size=batch_size, model="compact")  # each row names its model (view1_rows)
     warnings.filterwarnings("ignore", message=".*Secure RNG.*")
+    if {"default", "never-worse"} & set(parts):
+        from simulations.bench_defaults import run_default_bench
+
+        run_default_bench(data=data, epsilons=epsilons, site_counts=site_counts, trainables=trainables, parts=parts,
+                          out=out, console=console, report=report)
+        atomic_write_json(out / "bench.json", report)
+    if "masked" in parts:
+        from simulations.bench_defaults import run_masked_bench
+
+        run_masked_bench(data=data, epsilons=epsilons, sites=sites, sets=sets or {}, out=out, console=console,
+                         report=report)
+        atomic_write_json(out / "bench.json", report)
 
     if "dp-cost" in parts:
         faces = load_faces(data, image_size=64, identities=training_identities(base)[:40], min_images=2,

@@ -104,7 +104,7 @@ def run_privacy_bench(*, data: str, rounds: int, sites: int, epsilons: tuple[flo
     warnings.filterwarnings("ignore", message=".*Secure RNG.*")
     report: dict = {"data": data, "rounds": rounds, "sites": sites, "epsilons": list(epsilons), "recipe": RECIPE,
                     "rows": {}}
-    for name, cfg in privacy_rows(RunConfig(data=data), rounds=rounds, epsilons=epsilons,
+    for name, cfg in privacy_rows(RunConfig(data=data, model="compact"), rounds=rounds, epsilons=epsilons,
                                   overfit_identities=overfit_identities, overfit_epochs=overfit_epochs):
         run_dir = out / name.replace(" ", "-").replace("=", "")
         if retrain or not _completed(run_dir):

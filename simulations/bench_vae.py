@@ -105,7 +105,7 @@ def run_vae_bench(*, data: str, rounds: dict[int, int], sites: int, epsilon: flo
     out.mkdir(parents=True, exist_ok=True)
     data = str(Path(data).expanduser().resolve())
     warnings.filterwarnings("ignore", message=".*Secure RNG.*")
-    base = RunConfig(data=data, max_identities=max_identities, vae_perceptual=perceptual)
+    base = RunConfig(data=data, max_identities=max_identities, vae_perceptual=perceptual, task="vae")
     report: dict = {"data": data, "rounds": {str(k): v for k, v in rounds.items()}, "sites": sites, "epsilon": epsilon, "sizes": list(sizes),
                     "torch_threads": torch.get_num_threads(), "recipe": VAE_RECIPE, "dp_recipe": VAE_DP_RECIPE,
                     "rows": {}}

@@ -122,6 +122,12 @@ def simulate(
     privacy = (f"DP-SGD, each site epsilon <= {cfg.target_epsilon:g}" if cfg.dp else "no DP (baseline)")
     console.print(f"[bold]facefl simulate[/]: {num_sites} sites, {cfg.num_rounds} rounds, task {cfg.task}, "
                   f"{cfg.strategy}, {privacy}; {what}")
+    if cfg.trains_embedding:
+        model = (f"dlib's pretrained face ResNet, {cfg.trainable_part} trains (lr {cfg.backbone_learning_rate:g}, "
+                 f"margin heads {cfg.embedding_lr:g})" if cfg.model == "dlib-resnet" else f"{cfg.model} from scratch")
+        guard = (f"; rounds that score worse on {cfg.validation_people} validation people are rejected"
+                 if cfg.guards_rounds else "")
+        console.print(f"face model: {model}, batch {cfg.batch_size}{guard}")
     console.print(f"run directory: {cfg.run_dir}")
     try:
         run_dir = run_sim(cfg, num_sites, cpus_per_site=cpus_per_site, gpus_per_site=gpus_per_site,
@@ -335,50 +341,79 @@ def data_prepare(
                              "cut tighter and resized for the from-scratch models and the VAE) | dlib (the chips "
                              "themselves, for model=dlib-resnet; --size 150) | crop (centre crop) | detect (MTCNN + "
                              "alignment) | auto (crop for LFW, else detect)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Processes that compute the faces (default: every core, "
+                                          "or $FACEFL_PREP_WORKERS; 1 = this process only). Each identity is cached "
+                                          "as soon as it is done: an interrupted preparation resumes where it "
+                                          "stopped."),
 ) -> None:
     """Preprocess a dataset once (detect/align or crop, resize) into the cache; later runs reuse it."""
-    from common.data.datasets import load_faces
+    from common.data.datasets import PrepStats, load_faces
 
     _setup_logging(False)
-    faces = load_faces(data, image_size=size, mode=mode, min_images=1, progress=True)
-    console.print(f"{len(faces)} faces of {faces.num_identities} identities cached at {size}x{size}; "
-                  f"skipped: {faces.skipped or 'none'}")
+    stats = PrepStats()
+    faces = load_faces(data, image_size=size, mode=mode, min_images=1, progress=True, workers=workers, stats=stats)
+    if stats.photos:
+        done = (f"prepared {stats.photos} photos of {stats.identities} identities in {stats.seconds:.1f} s "
+                f"({stats.faces_per_second:.1f} faces/s, {stats.workers} "
+                f"{'process' if stats.workers == 1 else 'worker processes'})")
+    else:
+        done = "nothing to prepare"
+    console.print(f"{done}; {stats.cached_identities} identities were already cached. {len(faces)} faces of "
+                  f"{faces.num_identities} identities cached at {size}x{size}; skipped: {faces.skipped or 'none'}",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @bench_app.command("train")
 def bench_train(
     data: str = typer.Option(..., help="LFW root (with its protocol files)."),
-    rounds: int = typer.Option(5, help="Rounds of the pretrained backbone's federated runs (centralized: as many "
-                                       "epochs)."),
+    rounds: int = typer.Option(5, help="Rounds of the pretrained backbone's federated runs of --parts pretrained "
+                                       "(centralized: as many epochs)."),
     scratch_rounds: int = typer.Option(15, help="Rounds of the from-scratch runs (centralized: as many epochs)."),
-    sites: int = typer.Option(4, help="Sites for the federated runs."),
+    sites: int = typer.Option(4, help="Sites for the federated runs of --parts pretrained, scratch, compact."),
     epsilons: str = typer.Option("8,2", help="Per-site epsilons of the DP runs (the from-scratch DP run uses the "
                                              "first)."),
+    never_worse_sites: str = typer.Option("2,4", help="Numbers of sites of the never-worse table."),
+    trainables: str = typer.Option("projection,last-stage,all", help="Trainable parts of the never-worse table."),
     max_identities: int = typer.Option(0, help="Use only this many training identities (0 = all)."),
-    parts: str = typer.Option("dp-cost,pretrained,scratch", help="Comma-separated: dp-cost, pretrained, scratch "
-                                                                  "(the scattering network), compact (the compact "
-                                                                  "CNN from scratch). The VAE: `facefl bench vae`."),
-    batch_size: int = typer.Option(256, help="Batch size of every training run (DP-SGD wants large batches)."),
+    parts: str = typer.Option("default,never-worse,masked", help="Comma-separated: default (`facefl simulate --data "
+                              "DATA` as printed, against zero-shot), never-worse (every trainable part x epsilon x "
+                              "sites), masked (masked faces: zero-shot, centralized, federated DP), "
+                              "dp-cost, pretrained, scratch (the scattering network), compact (the compact CNN from "
+                              "scratch). The VAE: `facefl bench vae`."),
+    batch_size: int = typer.Option(256, help="Batch size of --parts pretrained's training runs."),
+    set_: list[str] = typer.Option([], "--set", help="Run-config KEY=VALUE for the trained rows of --parts masked "
+                                   "(repeatable), to try other settings."),
     out: str = typer.Option("runs/bench", help="Folder for the benchmark's runs and its JSON summary."),
 ) -> None:
-    """DP cost; LFW View-1 face models (pretrained and from scratch; centralized, federated, federated DP)."""
+    """What `facefl simulate --data` gives by default; never worse than zero-shot; DP cost; LFW View-1 face models
+    (pretrained and from scratch; centralized, federated, federated DP)."""
     from simulations.bench import run_bench
 
     _setup_logging(False)
-    try:
-        eps = tuple(float(e) for e in epsilons.split(",") if e.strip())
-    except ValueError:
-        raise typer.BadParameter(f"--epsilons takes comma-separated numbers such as 8,2; got {epsilons!r}.")
-    if not eps or min(eps) <= 0:
-        raise typer.BadParameter(f"--epsilons needs at least one positive epsilon; got {epsilons!r}.")
+    eps = _numbers(epsilons, "--epsilons", float)
+    site_counts = _numbers(never_worse_sites, "--never-worse-sites", int)
     part_list = [p.strip() for p in parts.split(",") if p.strip()]
-    unknown = sorted(set(part_list) - {"dp-cost", "pretrained", "scratch", "compact"})
+    known = {"default", "never-worse", "masked", "dp-cost", "pretrained", "scratch", "compact"}
+    unknown = sorted(set(part_list) - known)
     if unknown:
-        raise typer.BadParameter(f"--parts: unknown {', '.join(unknown)}; choose from dp-cost, pretrained, scratch, "
-                                 "compact (the VAE has `facefl bench vae`).")
+        raise typer.BadParameter(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))} "
+                                 "(the VAE has `facefl bench vae`).")
+    parts_trainable = tuple(t.strip() for t in trainables.split(",") if t.strip())
+    if not parts_trainable or set(parts_trainable) - {"projection", "last-stage", "all"}:
+        raise typer.BadParameter(f"--trainables takes projection, last-stage and/or all; got {trainables!r}.")
     run_bench(data=data, rounds=rounds, scratch_rounds=scratch_rounds, sites=sites, epsilons=eps,
-              max_identities=max_identities, parts=part_list,
-              out=Path(out), console=Console(width=160), batch_size=batch_size)
+              max_identities=max_identities, parts=part_list, site_counts=site_counts, trainables=parts_trainable,
+              sets=_parse_sets(set_), out=Path(out), console=Console(width=160), batch_size=batch_size)
+
+
+def _numbers(text: str, option: str, kind):
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated numbers such as 8,2; got {text!r}.")
+    if not values or min(values) <= 0:
+        raise typer.BadParameter(f"{option} needs positive numbers; got {text!r}.")
+    return values
 
 
 @bench_app.command("privacy")

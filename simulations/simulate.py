@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 
 from common.config import ConfigError, RunConfig
-from common.data.sources import site_identities
+from common.data.sources import prepare_faces, site_identities
+from common.weights import default_cache_dir
 from server.rundir import default_run_dir, load_run_config
 
 
@@ -80,6 +82,11 @@ def simulate(cfg: RunConfig, num_sites: int, *, cpus_per_site: float = 1.0, gpus
     ``cfg`` must come from :func:`prepare_config` (absolute run directory). ``ray_address`` joins a running Ray
     cluster (see :func:`backend_config`); this process only disconnects from it at the end.
     """
+    started = time.perf_counter()
+    ready = prepare_faces(cfg, progress=True)  # every core, before the sites' actors each take one
+    if ready:
+        logging.getLogger("facefl").info("faces ready: %d in %.0f s (cached in %s)", ready,
+                                         time.perf_counter() - started, cfg.cache_dir or default_cache_dir())
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -71,8 +71,13 @@ def faces_dir(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One face cache for the whole test session (the cache itself is tested in test_datasets)."""
-    return tmp_path_factory.mktemp("face-cache")
+    """One face cache for the whole test session, shared by the pytest-xdist workers (the folder above each worker's
+    base temp is the run's own), so a face one worker prepared is read, not cut again, by the other. Cache files are
+    written atomically; the cache itself is tested in test_datasets."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-face-cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +175,7 @@ def federated_run(tmp_path_factory, lfw_root, cache_dir, trained_stylizer) -> Pa
     # the mechanism (clipping, noise, accounting, declines) is the same at any epsilon.
     done = facefl("simulate", "--data", str(lfw_root), "--sites", "2", "--rounds", "2", "--task", "both",
                   "--epsilon", "50", "--accountant", "rdp", "--out", str(run),
-                  "--set", f"cache-dir={cache_dir}", "--set", "max-identities=60", "--set", "eval-pairs=200",
+                  "--set", f"cache-dir={cache_dir}", "--set", "max-identities=60", "--set", "validation-people=30", "--set", "eval-pairs=200",
                   "--set", "batch-size=64", "--set", "local-epochs=3", "--set", "eval-faces=32",
                   "--report-stylizer", str(trained_stylizer[2]), progress=run)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -95,7 +95,7 @@ def test_iid_with_image_counts_balances_examples():
 def test_learning_rate_schedule_optimizer_and_face_pipeline_follow_the_model():
     scratch, tuned = RunConfig(num_rounds=10), RunConfig(model="dlib-resnet", num_rounds=10)
     assert (scratch.embedding_optimizer, scratch.embedding_lr, scratch.face_mode) == ("adamw", 2e-3, "aligned")
-    assert (tuned.embedding_optimizer, tuned.embedding_lr, tuned.face_mode) == ("sgd", 0.1, "dlib")
+    assert (tuned.embedding_optimizer, tuned.embedding_lr, tuned.face_mode) == ("sgd", 0.5, "dlib")  # the recipe
     assert RunConfig(optimizer="sgd", lr=0.05).embedding_lr == 0.05
     factors = [scratch.lr_factor(r) for r in range(1, 13)]
     assert factors[0] == 1.0 and all(a > b for a, b in zip(factors[:9], factors[1:10]))

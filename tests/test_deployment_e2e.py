@@ -313,7 +313,7 @@ def _node_ids(fed: Federation) -> dict[str, int]:
 
 def _run_config(lfw_root: Path, tmp: Path, **changes) -> dict:
     """The deployment runs' config: a small DP run whose budget is planned over 3 rounds."""
-    return {"task": "embedding", "data": str(lfw_root), "num-rounds": 2, "min-sites": 3, "dp": True,
+    return {"task": "embedding", "model": "compact", "validation-people": 0, "data": str(lfw_root), "num-rounds": 2, "min-sites": 3, "dp": True,
             "target-epsilon": 50, "accountant": "rdp", "batch-size": 16, "eval-pairs": 100, "eval-faces": 16,
             "run-dir": str(tmp / "run"), "cache-dir": str(tmp / "cache"), "round-timeout": patience(120),
             "planned-rounds": 3,

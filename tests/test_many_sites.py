@@ -15,7 +15,7 @@ from conftest import facefl
 def test_a_hundred_sites_train_a_sampled_few_each_round(lfw_root, cache_dir, tmp_path):
     run = tmp_path / "run"
     done = facefl("simulate", "--data", str(lfw_root), "--sites", "100", "--rounds", "2", "--task", "embedding",
-                  "--set", "max-identities=200", "--set", "fraction-train=0.05", "--set", "min-sites=5",
+                  "--set", "model=compact", "--set", "validation-people=0", "--set", "max-identities=200", "--set", "fraction-train=0.05", "--set", "min-sites=5",
                   "--set", f"cache-dir={cache_dir}", "--set", "eval-pairs=50", "--out", str(run), "--no-report",
                   progress=run)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -61,7 +61,7 @@ def vae_run(tmp_path_factory, lfw_root: Path, cache_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def embedding_run(tmp_path_factory, lfw_root: Path) -> Path:
     """A run that trained only the embedding model (no VAE), with a checkpoint."""
-    cfg = RunConfig(task="embedding", data=str(lfw_root), image_size=64, dp=False, num_rounds=1)
+    cfg = RunConfig(task="embedding", model="compact", data=str(lfw_root), image_size=64, dp=False, num_rounds=1)
     path = tmp_path_factory.mktemp("embedding-run") / "run"
     run = RunDirectory.create(path, cfg)
     run.save_checkpoint(1, build_models(cfg).state_dict(), {})

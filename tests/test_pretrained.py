@@ -43,7 +43,7 @@ def chips(lfw_root, cache_dir):
 
 def test_config_reads_dlib_chips_and_refuses_what_cannot_work(lfw_root, cache_dir, tmp_path):
     cfg = _cfg(lfw_root, cache_dir, tmp_path)
-    assert (cfg.image_size, cfg.trainable_part, cfg.face_mode) == (150, "last-stage", "dlib")
+    assert (cfg.image_size, cfg.trainable_part, cfg.face_mode) == (150, "projection", "dlib")  # the measured recipe
     assert RunConfig.from_mapping({"model": "compact"}).trainable_part == "all"
     for bad, words in (({"image-size": 112}, "150x150"), ({"task": "both"}, "task=embedding"),
                        ({"loss": "triplet", "dp": False}, "margin softmax")):

@@ -56,6 +56,7 @@ def _federation(lfw_root, cache_dir, run_dir, **overrides) -> RunConfig:
     """A 2-site in-process federation of the embedding on 80 LFW people, trained to overfit: few people, many
     local epochs, no augmentation, a third of each person's faces kept out (the non-members)."""
     values = {"data": str(lfw_root), "cache-dir": str(cache_dir), "run-dir": str(run_dir), "task": "embedding",
+              "model": "compact", "validation-people": 0,
               "num-rounds": 2, "min-sites": 2, "local-epochs": 15, "batch-size": 16, "max-identities": 80,
               "augment": False,
               "val-fraction": 0.34, "eval-pairs": 100, "round-timeout": 900, "accountant": "rdp"}

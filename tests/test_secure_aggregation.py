@@ -28,7 +28,9 @@ NODES = (101, 202, 303)
 
 def _config(lfw_root, cache_dir, tmp_path, **changes) -> RunConfig:
     return RunConfig.from_mapping({
-        "task": "embedding", "data": str(lfw_root), "num-rounds": 1, "min-sites": 2, "dp": True,
+        # The guard scores the update on 8 validation people but keeps it: the update is checked exactly below.
+        "task": "embedding", "model": "compact", "validation-people": 8, "reject-worse-rounds": False,
+        "data": str(lfw_root), "num-rounds": 1, "min-sites": 2, "dp": True,
         "target-epsilon": 50, "accountant": "rdp", "batch-size": 16, "max-identities": 18, "eval-pairs": 40,
         "eval-faces": 8, "cache-dir": str(cache_dir), "run-dir": str(tmp_path / "run"),
         "secure-aggregation": True, "secagg-timeout": 30, "round-timeout": 120, **changes})
@@ -108,6 +110,7 @@ def test_the_server_receives_masked_updates_and_unmasks_only_their_weighted_mean
     metrics = json.loads((run / "metrics.json").read_text())
     last = metrics["rounds"][-1]
     assert last["round"] == 1 and set(last["sites"]) == {f"site-{i}" for i in range(3)}
+    assert last["guard"]["kept"] and 0.0 <= last["guard"]["validation_auc"] <= 1.0  # scored on validation people
     assert all(s["secagg-clipped"] == 0.0 and s[WEIGHT_METRIC] > 0 for s in last["sites"].values())
     for i in range(3):
         ledger = PrivacyLedger.load(run / "sites" / f"site-{i}")

@@ -12,6 +12,7 @@ In a deployment a site reads its own folder instead (``load_site_folder``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,33 @@ def _check_root(data: str) -> Path:
 
 
 def training_identities(cfg: RunConfig) -> list[str]:
-    """The identities that may be split across sites (before ``max-identities``)."""
+    """The identities that may be split across sites: the dataset's training people less the server's validation
+    people (:func:`validation_identities`), then at most ``max-identities`` of them."""
+    names, _ = _training_and_validation(cfg)
+    if cfg.max_identities and cfg.max_identities < len(names):
+        names = _seeded_take(names, cfg.max_identities, cfg.seed)
+    return names
+
+
+def validation_identities(cfg: RunConfig) -> list[str]:
+    """The server's validation people: ``validation-people`` of the dataset's training people (at most a fifth of
+    them, seeded), never given to a site and never part of the test protocol. The server scores each round's
+    aggregate on their pairs to keep or reject it (``reject-worse-rounds``); test pairs never choose a model."""
+    return _training_and_validation(cfg)[1]
+
+
+def _training_and_validation(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    names = _all_training_identities(cfg)
+    count = min(cfg.validation_people, len(names) // 5) if cfg.validates_rounds else 0
+    if count < 2:
+        return names, []
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(cfg.seed + 7919)).tolist()
+    held = set(order[:count])
+    return [n for i, n in enumerate(names) if i not in held], sorted(names[i] for i in held)
+
+
+def _all_training_identities(cfg: RunConfig) -> list[str]:
+    """The identities that may train (before the validation people and ``max-identities`` are taken out)."""
     if not cfg.data:
         names, _ = split_heldout_identities(_synthetic(cfg.image_size, cfg.seed).identities, cfg.heldout_fraction,
                                             cfg.seed)
@@ -79,8 +106,6 @@ def training_identities(cfg: RunConfig) -> list[str]:
                 raise DataError(f"Found {len(names)} identity folders in {root}; need at least 4 "
                                 "(root/<identity>/<image>).")
             names, _ = split_heldout_identities(names, cfg.heldout_fraction, cfg.seed)
-    if cfg.max_identities and cfg.max_identities < len(names):
-        names = _seeded_take(names, cfg.max_identities, cfg.seed)
     return names
 
 
@@ -106,6 +131,20 @@ def _image_counts(data: str) -> dict[str, int]:
             for name in list_identities(root)}
 
 
+def image_count(cfg: RunConfig, name: str) -> int:
+    """Image files in identity folder ``name`` of ``cfg.data`` (LFW: its people files' count)."""
+    root = Path(cfg.data)
+    if is_lfw_root(root):
+        return _lfw_counts(cfg.data).get(name, 0)
+    return sum(1 for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@functools.lru_cache(maxsize=4)
+def _lfw_counts(data: str) -> dict[str, int]:
+    root = Path(data)
+    return {**dict(read_people_file(root / "peopleDevTrain.txt")), **dict(read_people_file(root / "peopleDevTest.txt"))}
+
+
 def image_counts(cfg: RunConfig) -> dict[str, int] | None:
     """Images per identity, so that IID sites get about equal numbers of examples (None: all equal)."""
     return _image_counts(cfg.data) if cfg.data else None
@@ -119,7 +158,23 @@ def site_faces(cfg: RunConfig, site_index: int, num_sites: int, progress: bool =
     else:
         faces = load_faces(cfg.data, image_size=cfg.image_size, mode=cfg.face_mode, identities=names, min_images=2,
                            cache_dir=_cache_dir(cfg), progress=progress)
-    return train_val_split(faces, cfg.val_fraction, cfg.seed)
+    return train_val_split(masked(cfg, faces), cfg.val_fraction, cfg.seed)
+
+
+def masked(cfg: RunConfig, faces: FaceSet, probability: float | None = None) -> FaceSet:
+    """``faces`` with a synthetic mask (``common.data.masks``) on each face whose own seeded draw (from its path and
+    ``cfg.seed``) falls below ``probability`` (default ``mask-probability``): the same faces are masked, with the
+    same mask, in every process and run."""
+    probability = cfg.mask_probability if probability is None else probability
+    if probability <= 0 or len(faces) == 0:
+        return faces
+    from common.data.datasets import ALIGNED_CROP_FRACTION
+    from common.data.masks import mask_faces
+
+    crop = ALIGNED_CROP_FRACTION if cfg.face_mode == "aligned" else 1.0
+    images, _ = mask_faces(faces.images, list(faces.paths), seed=cfg.seed, probability=probability,
+                           crop_fraction=crop)
+    return dataclasses.replace(faces, images=images)
 
 
 def load_site_folder(cfg: RunConfig, path: str, progress: bool = False) -> tuple[FaceSet, FaceSet]:
@@ -127,7 +182,31 @@ def load_site_folder(cfg: RunConfig, path: str, progress: bool = False) -> tuple
     root = _check_root(path)
     faces = load_faces(root, image_size=cfg.image_size, mode=cfg.face_mode, min_images=2, cache_dir=_cache_dir(cfg),
                        progress=progress)
-    return train_val_split(faces, cfg.val_fraction, cfg.seed)
+    return train_val_split(masked(cfg, faces), cfg.val_fraction, cfg.seed)
+
+
+def evaluation_identities(cfg: RunConfig) -> list[str]:
+    """The people the server evaluates on (never a site's): LFW's ``peopleDevTest.txt``, else the held-out share."""
+    if not cfg.data:
+        return []
+    root = _check_root(cfg.data)
+    if is_lfw_root(root):
+        return [name for name, _ in read_people_file(root / "peopleDevTest.txt")]
+    return split_heldout_identities(list_identities(root), cfg.heldout_fraction, cfg.seed)[1]
+
+
+def prepare_faces(cfg: RunConfig, *, progress: bool = True) -> int:
+    """Cut and cache, before a simulated run starts, every face its sites and server read: the sites' people, the
+    server's validation people and its evaluation data (``load_faces`` uses every core, shows progress and keeps
+    each finished person, so an interrupted preparation resumes). Returns how many faces are ready (0 for the
+    synthetic set, which is drawn in memory)."""
+    if not cfg.data:
+        return 0
+    names = sorted(set(training_identities(cfg)) | set(validation_identities(cfg)))
+    faces = load_faces(cfg.data, image_size=cfg.image_size, mode=cfg.face_mode, identities=names, min_images=1,
+                       cache_dir=_cache_dir(cfg), progress=progress)
+    held = eval_data(cfg, progress=progress)
+    return len(faces) + len(held.pairs_a) + len(held.pairs_b) + len(held.faces)
 
 
 def eval_data(cfg: RunConfig, progress: bool = False) -> EvalData:
@@ -136,8 +215,7 @@ def eval_data(cfg: RunConfig, progress: bool = False) -> EvalData:
     if cfg.data and is_lfw_root(Path(cfg.data)):
         root = Path(cfg.data)
         a, b, same = load_lfw_pairs(root, "pairsDevTest.txt", image_size=cfg.image_size, mode=cfg.face_mode,
-                                    cache_dir=_cache_dir(cfg),
-                                    max_pairs=n_pairs)
+                                    cache_dir=_cache_dir(cfg), max_pairs=n_pairs, progress=progress)
         people = [name for name, _ in read_people_file(root / "peopleDevTest.txt")]
         faces, reference = _heldout_faces(cfg, people)
         return EvalData(a, b, same, faces, f"LFW pairsDevTest.txt ({len(same)} pairs), peopleDevTest faces",
@@ -157,6 +235,58 @@ def eval_data(cfg: RunConfig, progress: bool = False) -> EvalData:
     faces = held_set.images[torch.randperm(len(held_set), generator=torch.Generator().manual_seed(cfg.seed))]
     return EvalData(held_set.images[ia], held_set.images[ib], same, faces[: cfg.eval_faces],
                     f"{desc}, {len(same)} pairs", reference=faces[cfg.eval_faces : 2 * cfg.eval_faces])
+
+
+VALIDATION_GENUINE_PER_PERSON = 10  # matched pairs of one validation person, at most (a few people have hundreds)
+VALIDATION_IMPOSTORS_PER_GENUINE = 10
+
+
+@dataclass(frozen=True)
+class PairSet:
+    """Verification pairs indexing into ``images`` (each face once): ``a[i]``, ``b[i]``, ``same[i]``."""
+
+    images: torch.Tensor  # uint8 [U, 3, S, S]
+    a: torch.Tensor
+    b: torch.Tensor
+    same: torch.Tensor
+    description: str
+
+
+def validation_data(cfg: RunConfig, progress: bool = False) -> PairSet | None:
+    """Pairs of the server's validation people (:func:`validation_identities`), None when there are none.
+
+    Matched pairs: every pair of a person's images, at most ``VALIDATION_GENUINE_PER_PERSON`` per person (seeded);
+    mismatched pairs: ``VALIDATION_IMPOSTORS_PER_GENUINE`` times as many, images of two different people drawn at
+    random (seeded), so that the ROC AUC resolves small changes of a strong model."""
+    people = validation_identities(cfg)
+    if len(people) < 2:
+        return None
+    if cfg.data:
+        faces = load_faces(cfg.data, image_size=cfg.image_size, mode=cfg.face_mode, identities=people, min_images=2,
+                           cache_dir=_cache_dir(cfg), progress=progress)
+    else:
+        faces = _synthetic(cfg.image_size, cfg.seed).by_identity(people)
+    faces = masked(cfg, faces)  # the sites' domain: masked as often as their faces are
+    gen = torch.Generator().manual_seed(cfg.seed + 104729)
+    a, b = [], []
+    for k in range(faces.num_identities):
+        rows = torch.nonzero(faces.labels == k).flatten()
+        pairs = torch.combinations(rows, 2)
+        if len(pairs) > VALIDATION_GENUINE_PER_PERSON:
+            pairs = pairs[torch.randperm(len(pairs), generator=gen)[:VALIDATION_GENUINE_PER_PERSON]]
+        a.append(pairs[:, 0]), b.append(pairs[:, 1])
+    genuine = sum(len(x) for x in a)
+    n_imp = genuine * VALIDATION_IMPOSTORS_PER_GENUINE
+    ia = torch.randint(len(faces), (n_imp * 2,), generator=gen)
+    ib = torch.randint(len(faces), (n_imp * 2,), generator=gen)
+    keep = torch.nonzero(faces.labels[ia] != faces.labels[ib]).flatten()[:n_imp]
+    a.append(ia[keep]), b.append(ib[keep])
+    ia, ib = torch.cat(a), torch.cat(b)
+    same = torch.zeros(len(ia), dtype=torch.bool)
+    same[:genuine] = True
+    return PairSet(faces.images, ia, ib, same,
+                   f"validation people ({faces.num_identities}, never a site's, not in the test protocol): "
+                   f"{genuine} matched and {len(ia) - genuine} mismatched pairs")
 
 
 def _heldout_faces(cfg: RunConfig, people: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,3 +359,52 @@ def protocol_data(cfg: RunConfig, progress: bool = True) -> ProtocolData:
     probes = torch.stack([idx[1] for idx in firsts if len(idx) > 1])
     return ProtocolData(faces, a, b, same, gallery, probes,
                         f"{what}; rank-1 identification of {len(probes)} probes among {len(gallery)} people")
+
+
+UNTOUCHED_PAIRS = 1000
+
+
+def untouched_protocol(cfg: RunConfig, progress: bool = True) -> ProtocolData | None:
+    """LFW's test people that no View-1 pair names (``peopleDevTest.txt`` less everyone in ``pairsDevTest.txt``): no
+    site trained on them and no benchmark chose a setting on them, so they check figures tuned on View 1. Balanced
+    seeded pairs among them (``UNTOUCHED_PAIRS``, as for any identity-folder dataset: ``make_pairs``) and rank-1 of a
+    second image of each among one image of every one. None for other datasets (their held-out people are already
+    the only test)."""
+    root = Path(cfg.data).expanduser() if cfg.data else None
+    if root is None or not is_lfw_root(root):
+        return None
+    named = {p.name_a for p in read_pairs_file(root / "pairsDevTest.txt")} | \
+        {p.name_b for p in read_pairs_file(root / "pairsDevTest.txt")}
+    people = [name for name, _ in read_people_file(root / "peopleDevTest.txt") if name not in named]
+    faces = load_faces(root, image_size=cfg.image_size, mode=cfg.face_mode, identities=people, min_images=1,
+                       cache_dir=_cache_dir(cfg), progress=progress)
+    a, b, same = make_pairs(faces, UNTOUCHED_PAIRS, cfg.seed)
+    firsts = [torch.nonzero(faces.labels == k).flatten() for k in range(faces.num_identities)]
+    gallery = torch.stack([idx[0] for idx in firsts])
+    probes = torch.stack([idx[1] for idx in firsts if len(idx) > 1])
+    return ProtocolData(faces, a, b, same, gallery, probes,
+                        f"LFW test people no View-1 pair names ({faces.num_identities}): {len(same)} seeded pairs; "
+                        f"rank-1 of {len(probes)} probes among {len(gallery)} people")
+
+
+def masked_protocols(cfg: RunConfig, protocol: ProtocolData) -> dict[str, ProtocolData]:
+    """The test protocol in the masked domain: ``original`` (as it is), ``masked-masked`` (every face masked: both
+    sides of each pair, gallery and probes) and ``masked-unmasked`` (the first image of each pair and each probe
+    masked, the second and the gallery not: a masked probe against an unmasked gallery). Masks are drawn per face
+    from its path and ``cfg.seed``; the pairs and people are the protocol's own."""
+    faces = protocol.faces
+    all_masked = masked(cfg, faces, probability=1.0)
+    n = len(faces)
+    both = dataclasses.replace(faces, images=torch.cat([faces.images, all_masked.images]),
+                               labels=torch.cat([faces.labels, faces.labels]),
+                               paths=tuple(faces.paths) + tuple(f"{p} (masked)" for p in faces.paths))
+    return {
+        "original": protocol,
+        "masked-masked": dataclasses.replace(protocol, faces=all_masked,
+                                             description=f"{protocol.description}; every face masked"),
+        "masked-unmasked": dataclasses.replace(protocol, faces=both, pair_a=protocol.pair_a + n,
+                                               probes=protocol.probes + n,
+                                               description=f"{protocol.description}; first image of each pair and "
+                                                           "each probe masked"),
+    }
+

@@ -25,7 +25,8 @@ from client.train import train_embedding, train_vae
 from common.atomic import atomic_torch_save
 from common.config import RunConfig
 from common.data.faceset import FaceSet
-from common.data.sources import protocol_data
+from common.data.datasets import load_faces
+from common.data.sources import evaluation_identities, image_count, protocol_data
 from common.models.federated import build_models
 from common.models.losses import MarginHead
 from common.weights import default_cache_dir
@@ -48,18 +49,26 @@ def population(cfg: RunConfig, max_faces: int = MAX_POPULATION) -> FaceSet:
     ``max_faces`` faces of them (whole people, in a seeded order). The audit asks for about as many faces as it
     audits (at least 200): a reference trained on far more faces than the target would judge difficulty by a
     different standard, and a small run's audit stays quick."""
-    faces = protocol_data(cfg, progress=False).faces
-    if len(faces) <= max_faces:
-        return faces
-    order = torch.randperm(faces.num_identities, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    counts = torch.bincount(faces.labels, minlength=faces.num_identities).tolist()
-    chosen, total = [], 0
-    for k in order:
-        if total + counts[k] > max_faces:
-            continue
-        chosen.append(faces.identities[k])
-        total += counts[k]
-    return faces.by_identity(chosen)
+    if not cfg.data:
+        faces = protocol_data(cfg, progress=False).faces
+        names, counts = list(faces.identities), torch.bincount(faces.labels, minlength=faces.num_identities).tolist()
+    else:  # choose the people first from their image counts: only their faces are prepared and loaded
+        names = sorted(evaluation_identities(cfg))
+        counts = [image_count(cfg, name) for name in names]
+        faces = None
+    if sum(counts) > max_faces:
+        order = torch.randperm(len(names), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        chosen, total = [], 0
+        for k in order:
+            if total + counts[k] > max_faces:
+                continue
+            chosen.append(names[k])
+            total += counts[k]
+        names = sorted(chosen)
+    if faces is not None:
+        return faces.by_identity(names)
+    return load_faces(cfg.data, image_size=cfg.image_size, mode=cfg.face_mode, identities=names, min_images=1,
+                      cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, progress=False)
 
 
 def _key(cfg: RunConfig, kind: str, epochs: int, faces: FaceSet) -> str:

@@ -213,7 +213,9 @@ def run_summary(section: RunSection) -> dict:
         "final": data.final_global(),
         "rounds": [{"round": r["round"], "global": r.get("global", {}), "train": r.get("train", {}),
                     "declined": sorted(r.get("declined", {})), "failed": sorted(r.get("failed", {})),
-                    "rejected": sorted(r.get("rejected", {}))} for r in data.rounds],
+                    "rejected": sorted(r.get("rejected", {})),
+                    "round_rejected": not r.get("guard", {}).get("kept", True),
+                    "validation": r.get("guard") or None} for r in data.rounds],
         "privacy": data.privacy,
         "sites": {s: data.last_site_metrics(s) for s in data.sites},
     }

@@ -191,7 +191,11 @@ def learning_curves(sections: list[RunSection]) -> dict:
         series = _site_series(sections, key)
         if series:
             loss.append(line_chart(series, title=title, x_label="round", y_label="loss", integer_x=True))
+    guard = guard_rows(sections)
+    rejected = sum(row[-1].startswith("REJECTED") for row in guard)
     return {
+        "guard": guard,
+        "guard_summary": f"{rejected} of {len(guard)} rounds rejected." if guard else "",
         "embedding": [
             _metric_chart(emb, [("embedding/accuracy", "accuracy"), ("embedding/roc_auc", "ROC AUC")],
                           "Verification accuracy and ROC AUC", ""),
@@ -207,6 +211,21 @@ def learning_curves(sections: list[RunSection]) -> dict:
                               "Frechet distance in dlib's descriptor space", "distance")] if vae else None,
         "loss": loss,
     }
+
+
+def guard_rows(sections: list[RunSection]) -> list[list]:
+    """One row per round the server's guard judged (``server.round_guard``): run, round, the aggregate's validation
+    ROC AUC and accuracy, the best AUC before it, and whether the round was kept or rejected."""
+    rows = []
+    for s in sections:
+        for r in s.data.rounds:
+            g = r.get("guard") or {}
+            if g:
+                rows.append([s.data.name, r["round"], f"{g['validation_auc']:.4f}", f"{g['validation_accuracy']:.3f}",
+                             f"{g['best_auc_before']:.4f}",
+                             ("kept" if g.get("enabled", True) else "kept (reject-worse-rounds off)") if g["kept"]
+                             else "REJECTED: the previous global model was kept"])
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- privacy
