@@ -103,7 +103,7 @@ class RunConfig:
     # Keep the previous global model when a round lowers the validation people's ROC AUC below the best so far
     # less this tolerance (logged as a rejected round); needs validation-people > 0. Test pairs never choose a model.
     reject_worse_rounds: bool = True
-    reject_tolerance: float = 0.0
+    reject_tolerance: float = 0.001
     # Differential privacy (per site, example-level)
     dp: bool = True  # DP-SGD (Opacus) at every site
     target_epsilon: float = 8.0  # each site's total budget, over all rounds

@@ -29,8 +29,8 @@ def summarize(server_round: int, num_rounds: int, metrics: dict, privacy: dict, 
     """One human-readable progress line for a round."""
     parts = [f"round {server_round}/{num_rounds}"]
     if guard and not guard.get("kept", True):
-        parts.append(f"REJECTED (validation AUC {guard['validation_auc']:.4f} < best {guard['best_auc_before']:.4f}): "
-                     "previous model kept")
+        parts.append(f"REJECTED (validation AUC {guard['validation_auc']:.5f} < best {guard['best_auc_before']:.5f} "
+                     f"- {guard['tolerance']:g}): previous model kept")
     if "embedding/accuracy" in metrics:
         parts.append(f"verif acc {metrics['embedding/accuracy']:.3f} auc {metrics['embedding/roc_auc']:.3f}")
     if "vae/psnr" in metrics:

@@ -75,7 +75,7 @@ class RoundGuard:
         if kept:
             self.best = max(self.best, scored["roc_auc"])
         else:
-            log.warning("round %d rejected: validation ROC AUC %.4f is below the best so far %.4f (tolerance %g); "
+            log.warning("round %d rejected: validation ROC AUC %.5f is below the best so far %.5f less %g; "
                         "the global model stays as it was.", server_round, scored["roc_auc"], best_before,
                         self.tolerance)
         return {"kept": kept, "enabled": self.enabled, "validation_auc": scored["roc_auc"], "validation_accuracy": scored["accuracy"],
