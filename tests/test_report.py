@@ -77,6 +77,11 @@ def test_simulate_writes_the_report_and_summary(federated_run):
         assert heading in text, heading
     assert "example-level" in text and "empirical" in text
     assert sum(1 for t, a in page.tags if t == "svg" and "chart" in a.get("class", "")) >= 12
+    # Every round's aggregate was scored on the validation people, and the page says which rounds were kept.
+    judged = [r["validation"] for r in run["rounds"] if r["round"] > 0]
+    assert len(judged) == 2 and all(0.5 < v["validation_auc"] <= 1 and "kept" in v for v in judged)
+    assert [r["round_rejected"] for r in run["rounds"][1:]] == [not v["kept"] for v in judged]
+    assert "Rounds kept and rejected" in text and f"{sum(not v['kept'] for v in judged)} of 2 rounds rejected" in text
 
     # Every report audits the run for membership inference: both models, two attacks each, beside the accountant.
     audit = json.loads((federated_run / "privacy_audit.json").read_text())

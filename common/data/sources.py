@@ -127,8 +127,7 @@ def _image_counts(data: str) -> dict[str, int]:
     root = Path(data)
     if is_lfw_root(root):
         return dict(read_people_file(root / "peopleDevTrain.txt"))
-    return {name: sum(1 for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-            for name in list_identities(root)}
+    return {name: _count_images(root / name) for name in list_identities(root)}
 
 
 def image_count(cfg: RunConfig, name: str) -> int:
@@ -136,7 +135,12 @@ def image_count(cfg: RunConfig, name: str) -> int:
     root = Path(cfg.data)
     if is_lfw_root(root):
         return _lfw_counts(cfg.data).get(name, 0)
-    return sum(1 for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+    return _count_images(root / name)
+
+
+def _count_images(folder: Path) -> int:
+    """Image files in ``folder`` as ``load_faces`` sees them (hidden files such as ``._IMG_0001.JPG`` ignored)."""
+    return sum(1 for f in folder.iterdir() if not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 @functools.lru_cache(maxsize=4)

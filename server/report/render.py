@@ -221,8 +221,8 @@ def guard_rows(sections: list[RunSection]) -> list[list]:
         for r in s.data.rounds:
             g = r.get("guard") or {}
             if g:
-                rows.append([s.data.name, r["round"], f"{g['validation_auc']:.4f}", f"{g['validation_accuracy']:.3f}",
-                             f"{g['best_auc_before']:.4f}",
+                rows.append([s.data.name, r["round"], f"{g['validation_auc']:.5f}", f"{g['validation_accuracy']:.3f}",
+                             f"{g['best_auc_before']:.5f}", f"{g.get('tolerance', 0.0):g}",
                              ("kept" if g.get("enabled", True) else "kept (reject-worse-rounds off)") if g["kept"]
                              else "REJECTED: the previous global model was kept"])
     return rows
