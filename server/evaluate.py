@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from client.train import normalize, split_frozen, trunk_features_and_mirror, trunk_fingerprint
+from client.train import (cached_trunk_features, normalize, split_frozen, trunk_features_and_mirror,
+                          trunk_fingerprint)
 from common.data.sources import EvalData, ProtocolData
 from common.metrics import image_quality, pair_scores, verification_metrics
 from common.models.federated import FederatedModels
@@ -92,7 +94,7 @@ def evaluate_global(models: FederatedModels, data: EvalData, judge: FaceJudge | 
 PROTOCOL_FARS = (1e-2, 1e-3)
 
 
-def evaluate_protocol(model: nn.Module, protocol: ProtocolData) -> dict[str, float]:
+def evaluate_protocol(model: nn.Module, protocol: ProtocolData, feature_cache=None) -> dict[str, float]:
     """A model on a dataset's test protocol (``facefl evaluate``), with flip-averaged embeddings:
 
     - ``accuracy`` (10-fold threshold), ``accuracy_std``, ``roc_auc`` on the protocol's pairs;
@@ -102,7 +104,11 @@ def evaluate_protocol(model: nn.Module, protocol: ProtocolData) -> dict[str, flo
     - ``rank1``: share of probes (a second image of a test person) whose nearest gallery image (one image of every
       test person) is the same person; ``gallery`` and ``probes`` count them.
     """
-    emb = flip_embed(model, protocol.faces.images)  # [N, D], unit length
+    split = split_frozen(model)
+    if split is not None and feature_cache is not None:  # a frozen trunk: its features once per face, on disk
+        emb = _head_embed(split[1], cached_trunk_features(split[0], protocol.faces, feature_cache), flip=True)
+    else:
+        emb = flip_embed(model, protocol.faces.images)  # [N, D], unit length
     labels = protocol.faces.labels
     metrics = verification_metrics(pair_scores(emb[protocol.pair_a], emb[protocol.pair_b]), protocol.same)
     metrics = {k: v for k, v in metrics.items() if not k.startswith("tar@")}
@@ -158,6 +164,9 @@ def evaluate_command(run_dir: str | None, *, model: str | None = None, data: str
         raise ConfigError(f"{what} has no face-embedding model to evaluate (task={cfg.task}).")
     protocol = protocol_data(cfg)
     started = time.perf_counter()
-    metrics = evaluate_protocol(models.embedding.eval(), protocol)
+    from common.weights import default_cache_dir
+
+    features = Path(cfg.cache_dir or default_cache_dir()) / "features"  # client.site.FEATURES_DIR, beside the faces
+    metrics = evaluate_protocol(models.embedding.eval(), protocol, feature_cache=features)
     return {"evaluated": what, "model": cfg.model, "data": cfg.data or "synthetic", "protocol": protocol.description,
             "metrics": metrics, "seconds": time.perf_counter() - started}

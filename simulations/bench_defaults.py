@@ -37,7 +37,13 @@ TRAINABLES = ("projection", "last-stage", "all")
 
 
 def _score(model, protocols: dict[str, ProtocolData]) -> dict:
-    return {name: evaluate_protocol(model.eval(), p) for name, p in protocols.items()}
+    """``facefl evaluate``'s metrics on each protocol; a frozen trunk's features are computed once per face and kept
+    in the face cache's features folder (the same features a site and the server compute)."""
+    from client.site import FEATURES_DIR
+    from common.weights import default_cache_dir
+
+    features = default_cache_dir() / FEATURES_DIR
+    return {name: evaluate_protocol(model.eval(), p, feature_cache=features) for name, p in protocols.items()}
 
 
 def _protocols(cfg) -> dict[str, ProtocolData]:

@@ -145,6 +145,9 @@ def test_protocol_metrics_on_real_faces(lfw_root, cache_dir, tmp_path, chips):
     protocol = ProtocolData(chips, torch.cat([same_a, same_a]), torch.cat([same_b, diff_b]),
                             torch.tensor([True] * len(firsts) + [False] * len(firsts)), same_a, same_b, "test")
     metrics = evaluate_protocol(net, protocol)
+    cached = evaluate_protocol(net, protocol, feature_cache=tmp_path / "features")  # the frozen trunk's features
+    assert cached == pytest.approx(metrics, abs=1e-6, nan_ok=True) and list((tmp_path / "features").glob("*/*.pt"))
+    assert evaluate_protocol(net, protocol, feature_cache=tmp_path / "features") == pytest.approx(cached, nan_ok=True)
     assert metrics["rank1"] == 1.0 and metrics["roc_auc"] == 1.0 and metrics["accuracy"] >= 0.9
     assert metrics["impostor_pairs"] > 20 and np.isnan(metrics["tar@far=1e-3"])  # too few impostors for 1e-3
     emb = flip_embed(net, chips.images)
