@@ -252,6 +252,26 @@ class RunConfig:
             values[name] = _coerce(name, known[name].default, raw_value)
         return cls(**values)
 
+    @classmethod
+    def from_saved(cls, mapping: Mapping[str, Any]) -> RunConfig:
+        """A run configuration saved by a run (``config.json``, a checkpoint): as :meth:`from_mapping`, except that a
+        configuration written before the validation people existed (no ``validation-people`` key) keeps what its
+        ``auto`` values meant then, so a resumed or audited old run sees its own sites' people and models: no
+        validation people, and dlib's backbone with ``trainable=auto`` training its last stage at ``lr`` 0.1 (the
+        backbone at the same rate)."""
+        values = dict(mapping)
+        if "validation-people" not in values and "validation_people" not in values:
+            values["validation-people"] = 0
+            if str(values.get("model", "")) == "dlib-resnet":
+                if str(values.get("trainable", "auto")) == "auto":
+                    values["trainable"] = "last-stage"
+                lr = float(values.get("lr", 0.0) or 0.0) or (DEFAULT_LRS["sgd"] if str(values.get("optimizer", "auto"))
+                                                              in ("auto", "sgd") else DEFAULT_LRS["adamw"])
+                values["lr"] = lr
+                if not float(values.get("backbone-lr", 0.0) or 0.0):
+                    values["backbone-lr"] = lr
+        return cls.from_mapping(values)
+
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 

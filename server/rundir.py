@@ -51,7 +51,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise RunDirError(f"{run_dir} is not a facefl run directory (no {CONFIG_FILE}).")
     try:
-        return RunConfig.from_mapping(json.loads(path.read_text())["config"])
+        return RunConfig.from_saved(json.loads(path.read_text())["config"])
     except (ValueError, KeyError, TypeError) as exc:
         raise RunDirError(f"{path} is not a valid facefl run configuration: {exc}") from exc
 

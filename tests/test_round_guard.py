@@ -99,3 +99,18 @@ def test_a_destructive_round_is_rejected_and_the_model_kept(lfw_root, cache_dir,
     _, unguarded = _federation(lfw_root, cache_dir, tmp_path, "unguarded", **hostile, **{"reject-worse-rounds": False})
     assert unguarded[-1]["guard"]["kept"] is True
     assert unguarded[-1]["global"]["embedding/accuracy"] < rounds[0]["global"]["embedding/accuracy"] - 0.02
+
+
+def test_a_run_saved_before_the_new_defaults_keeps_its_own_meaning(lfw_root):
+    """A config.json written before validation people existed resumes and is audited as it ran: no validation
+    people, and dlib's backbone training its last stage at 0.1; a new run's saved config reads back as it was."""
+    old = {**RunConfig(data=str(lfw_root)).to_mapping(), "model": "dlib-resnet", "trainable": "auto", "lr": 0.0,
+           "backbone-lr": 0.0, "batch-size": 32}
+    for key in ("validation-people", "reject-worse-rounds", "reject-tolerance", "mask-probability"):
+        old.pop(key)
+    cfg = RunConfig.from_saved(old)
+    assert (cfg.validation_people, cfg.trainable_part, cfg.embedding_lr, cfg.backbone_learning_rate) == \
+        (0, "last-stage", 0.1, 0.1)
+    assert training_identities(cfg) == training_identities(RunConfig(data=str(lfw_root), validation_people=0))
+    new = RunConfig(data=str(lfw_root))
+    assert RunConfig.from_saved(new.to_mapping()) == new

@@ -155,7 +155,7 @@ def read_run(path: str | Path) -> RunData:
         raise RunDirError(f"{path} has no readable configuration ({CONFIG_FILE} or a checkpoint); it cannot be "
                           "reported.")
     try:
-        cfg = RunConfig.from_mapping(raw_cfg)
+        cfg = RunConfig.from_saved(raw_cfg)
     except (ValueError, TypeError) as exc:
         raise RunDirError(f"{path}: the saved configuration is not valid ({exc}).") from exc
 
