@@ -164,9 +164,10 @@ def evaluate_command(run_dir: str | None, *, model: str | None = None, data: str
         raise ConfigError(f"{what} has no face-embedding model to evaluate (task={cfg.task}).")
     protocol = protocol_data(cfg)
     started = time.perf_counter()
+    from client.site import FEATURES_DIR
     from common.weights import default_cache_dir
 
-    features = Path(cfg.cache_dir or default_cache_dir()) / "features"  # client.site.FEATURES_DIR, beside the faces
+    features = Path(cfg.cache_dir or default_cache_dir()) / FEATURES_DIR  # a frozen trunk's features, beside the faces
     metrics = evaluate_protocol(models.embedding.eval(), protocol, feature_cache=features)
     return {"evaluated": what, "model": cfg.model, "data": cfg.data or "synthetic", "protocol": protocol.description,
             "metrics": metrics, "seconds": time.perf_counter() - started}

@@ -124,29 +124,22 @@ def site_identities(cfg: RunConfig, site_index: int, num_sites: int) -> list[str
 
 @functools.lru_cache(maxsize=8)
 def _image_counts(data: str) -> dict[str, int]:
+    """Images per identity folder (LFW: its people files' counts, training and test people)."""
     root = Path(data)
     if is_lfw_root(root):
-        return dict(read_people_file(root / "peopleDevTrain.txt"))
+        return {**dict(read_people_file(root / "peopleDevTrain.txt")),
+                **dict(read_people_file(root / "peopleDevTest.txt"))}
     return {name: _count_images(root / name) for name in list_identities(root)}
 
 
 def image_count(cfg: RunConfig, name: str) -> int:
-    """Image files in identity folder ``name`` of ``cfg.data`` (LFW: its people files' count)."""
-    root = Path(cfg.data)
-    if is_lfw_root(root):
-        return _lfw_counts(cfg.data).get(name, 0)
-    return _count_images(root / name)
+    """Image files in identity folder ``name`` of ``cfg.data``."""
+    return _image_counts(cfg.data).get(name, 0)
 
 
 def _count_images(folder: Path) -> int:
     """Image files in ``folder`` as ``load_faces`` sees them (hidden files such as ``._IMG_0001.JPG`` ignored)."""
     return sum(1 for f in folder.iterdir() if not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-@functools.lru_cache(maxsize=4)
-def _lfw_counts(data: str) -> dict[str, int]:
-    root = Path(data)
-    return {**dict(read_people_file(root / "peopleDevTrain.txt")), **dict(read_people_file(root / "peopleDevTest.txt"))}
 
 
 def image_counts(cfg: RunConfig) -> dict[str, int] | None:
@@ -358,11 +351,15 @@ def protocol_data(cfg: RunConfig, progress: bool = True) -> ProtocolData:
             what = f"{root.name}: held-out identities ({faces.num_identities})"
         a, b, same = make_pairs(faces, cfg.eval_pairs or 1000, cfg.seed)
         what += f", {len(same)} pairs"
-    firsts = [torch.nonzero(faces.labels == k).flatten() for k in range(faces.num_identities)]
-    gallery = torch.stack([idx[0] for idx in firsts])
-    probes = torch.stack([idx[1] for idx in firsts if len(idx) > 1])
+    gallery, probes = _identification(faces)
     return ProtocolData(faces, a, b, same, gallery, probes,
                         f"{what}; rank-1 identification of {len(probes)} probes among {len(gallery)} people")
+
+
+def _identification(faces: FaceSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gallery, probes) for rank-1: the first image of every person, and the second of each person who has one."""
+    firsts = [torch.nonzero(faces.labels == k).flatten() for k in range(faces.num_identities)]
+    return torch.stack([idx[0] for idx in firsts]), torch.stack([idx[1] for idx in firsts if len(idx) > 1])
 
 
 UNTOUCHED_PAIRS = 1000
@@ -383,9 +380,7 @@ def untouched_protocol(cfg: RunConfig, progress: bool = True) -> ProtocolData | 
     faces = load_faces(root, image_size=cfg.image_size, mode=cfg.face_mode, identities=people, min_images=1,
                        cache_dir=_cache_dir(cfg), progress=progress)
     a, b, same = make_pairs(faces, UNTOUCHED_PAIRS, cfg.seed)
-    firsts = [torch.nonzero(faces.labels == k).flatten() for k in range(faces.num_identities)]
-    gallery = torch.stack([idx[0] for idx in firsts])
-    probes = torch.stack([idx[1] for idx in firsts if len(idx) > 1])
+    gallery, probes = _identification(faces)
     return ProtocolData(faces, a, b, same, gallery, probes,
                         f"LFW test people no View-1 pair names ({faces.num_identities}): {len(same)} seeded pairs; "
                         f"rank-1 of {len(probes)} probes among {len(gallery)} people")
