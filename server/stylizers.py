@@ -496,10 +496,11 @@ def fallback_anonymizers(anonymizer, *, method: str = "style", style: str = DEFA
 
 
 def build_gate(*, site: str, log: Callable[[str], None] = print, audit=None, gallery_rule: str = "same-person",
-               fallbacks: bool = True, **anonymizer_options):
+               fallbacks: bool = True, blank: bool = True, **anonymizer_options):
     """An :class:`common.anonymization.egress.EgressGate` with the anonymizer ``anonymizer_options`` describe (as for
     :func:`build_anonymizer`), its fallbacks (:func:`fallback_anonymizers`) and dlib's recognizer; a clear error when
-    dlib is missing (nothing is released unverified)."""
+    dlib is missing (nothing is released unverified). ``blank=False`` withholds an image whose face is still matched
+    after every retry instead of blanking that face (frames and report samples, where a blanked face shows nothing)."""
     from common.anonymization.egress import EgressGate
 
     anonymizer = build_anonymizer(log=log, **anonymizer_options)
@@ -510,7 +511,8 @@ def build_gate(*, site: str, log: Callable[[str], None] = print, audit=None, gal
     keys = ("method", "style", "width", "strength", "no_face", "stylizer")
     others = fallback_anonymizers(anonymizer, **{k: anonymizer_options[k] for k in keys if k in anonymizer_options}) \
         if fallbacks else []
-    return EgressGate(anonymizer, recognizer, site=site, audit=audit, gallery_rule=gallery_rule, fallbacks=others)
+    return EgressGate(anonymizer, recognizer, site=site, audit=audit, gallery_rule=gallery_rule, fallbacks=others,
+                      blank=blank)
 
 
 def photo_pipeline(*, verify: bool = True, site: str = "this device", log: Callable[[str], None] | None = None,

@@ -183,7 +183,7 @@ def _write_report(run_dirs: list, *, out: Optional[str] = None, summary: Optiona
             from common.audit import AuditLog
 
             audit = AuditLog(Path(run_dirs[0]) / "audit.jsonl", actor="report")
-        return build_gate(site="report", log=log, audit=audit, gallery_rule="any", **options)
+        return build_gate(site="report", log=log, audit=audit, gallery_rule="any", blank=False, **options)
 
     factory = make_gate if images else None
 
@@ -774,7 +774,7 @@ def morph(
     gate = None
     if anonymize:
         # Frames are generated, not photos: any frame that matches either person's photo is withheld.
-        gate = build_gate(site="this device", log=log, gallery_rule="any", method=method, style=style,
+        gate = build_gate(site="this device", log=log, gallery_rule="any", blank=False, method=method, style=style,
                           strength=strength, stylizer=stylizer, stylizer_sha256=sha256, data=_default_lfw())
         gate.add_to_gallery([read_photo(image_a), read_photo(image_b)])  # a frame must not match either person
     result = morph_images(image_a, image_b, run_dir=run, steps=steps, mode=mode, out=out, gate=gate, size=size,
