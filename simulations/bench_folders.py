@@ -33,7 +33,7 @@ FOLDER_PARTS = ("150", "heldout-150", "1000", "multi")
 def _link(folder: Path, files: list[Path]) -> None:
     folder.mkdir(parents=True)
     for f in files:
-        os.symlink(f, folder / f.name)
+        os.symlink(Path(f).resolve(), folder / Path(f).name)  # absolute: the links live in a temporary folder
 
 
 def _people_file(root: Path, low: int = 1, high: int = 10**9) -> list[tuple[str, int]]:
@@ -73,7 +73,7 @@ def run_folder_bench(*, data: str, out: Path, console: Console, parts=FOLDER_PAR
     from common.data.preprocess import FaceAligner
     from common.worker_pool import available_cores
 
-    root = Path(data).expanduser()
+    root = Path(data).expanduser().resolve()
     if not (root / "peopleDevTest.txt").is_file():
         raise DataError(f"{root} has no peopleDevTest.txt; pass --data the LFW root.")
     workers = workers or available_cores()
