@@ -49,6 +49,7 @@ from flwr.supercore.telemetry import EventType
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.app_approval import Decision, judge, read_trusted_keys
+from common.deployment import app_refused_reason
 
 APPS_DIR = "facefl-apps"  # under FLWR_HOME: one folder per approved bundle, named by its full SHA-256
 AUDIT_FILE = "audit.jsonl"  # = client.site.AUDIT_FILE (not imported: client.site pulls in torch and the models)
@@ -88,7 +89,7 @@ def run_gated_clientapp(*, runtime_api_address: str, token: str, site: str, stat
                              required=required)
         record(decision, site=site, state=state, run_id=run.run_id, fab_hash=fab.hash_str)
         if not decision.allowed:
-            details = f"site {site} refused the app: {decision.reason}"
+            details = app_refused_reason(site, decision.reason)
             reply = Message(Error(code=ErrorCode.INVALID_FAB, reason=details), reply_to=message)
             exit_code = ExitCode.TASK_PROC_EXCEPTION
         else:
