@@ -9,10 +9,10 @@ The site's approvals live in its state folder, signed with the site operator's E
     STATE/app-operator.key     the operator's private key (0600), unless ``--operator-key`` keeps it elsewhere
 
 An approvals file edited by hand (or by anything without the operator's key) fails its signature check, and the site
-then refuses every app until the operator restores it. A signed app carries ``facefl-app-signature.json`` (written
-by ``facefl deploy sign-app``): an Ed25519 signature by the federation's app-signing key over the SHA-256 of every
-other file in the bundle. Used by ``client/app_gate.py`` (the check before any app code runs) and by the
-``facefl site approve|approvals|revoke|show`` commands. Imports only ``common.atomic`` and ``common.deployment``.
+then refuses every app until the operator restores it. A site may also trust apps signed with the federation's
+app-signing key (``facefl deploy sign-app``; the format is in ``common/app_signature.py``). Used by
+``client/app_gate.py`` (the check before any app code runs) and by the ``facefl site approve|approvals|revoke|show``
+commands. Imports only ``common`` plumbing (``app_signature``, ``atomic``, ``deployment``).
 """
 
 from __future__ import annotations
@@ -32,18 +32,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from common.app_signature import verify_app_signature
 from common.atomic import atomic_write_bytes
 from common.deployment import DeploymentRunError
 
 APPROVALS_FILE = "app-approvals.json"
 OPERATOR_KEY = "app-operator.key"
 OPERATOR_PUB = "app-operator.pub"
-SIGNATURE_FILE = "facefl-app-signature.json"  # inside a signed app (its root folder)
-CONTENT_FILE = ".info/CONTENT"  # Flower's manifest inside a FAB (derived from the other files)
 FORMAT = "facefl-app-approvals"
-SIGNATURE_FORMAT = "facefl-app-signature"
 _APPROVALS_DOMAIN = b"facefl-app-approvals-v1\0"
-_SIGNATURE_DOMAIN = b"facefl-app-signature-v1\0"
 
 
 class AppApprovalError(DeploymentRunError):
@@ -188,48 +185,6 @@ def revoke(state: str | Path, site: str, sha256: str, *, operator_key: str | Pat
     return {"sha256": full, **entry}
 
 
-# ------------------------------------------------------------------------------------------- signed apps
-
-
-def sign_app_files(files: dict[str, bytes], private_key_path: str | Path, key_id: str) -> bytes:
-    """The signature file for an app whose bundle holds ``files`` (path -> bytes, without the signature file and
-    Flower's manifest): Ed25519 over the sorted ``path sha256`` lines."""
-    key = serialization.load_ssh_private_key(Path(private_key_path).read_bytes(), password=None)
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise AppApprovalError(f"{private_key_path} is not an Ed25519 OpenSSH private key; use the deployment's "
-                               "app-signing/app-signing.key.")
-    manifest = _manifest({path: hashlib.sha256(data).hexdigest() for path, data in files.items()})
-    signature = base64.b64encode(key.sign(_SIGNATURE_DOMAIN + manifest)).decode("ascii")
-    doc = {"format": SIGNATURE_FORMAT, "version": 1, "key_id": key_id, "signed_at": _now(), "signature": signature}
-    return (json.dumps(doc, indent=2) + "\n").encode()
-
-
-def verify_app_signature(content: bytes, trusted: dict[str, str]) -> str | None:
-    """The key id that signed this FAB, when one of ``trusted`` (key id -> ``ssh-ed25519 ...`` line) did; None when
-    the FAB carries no signature or no trusted key's signature covers exactly its files."""
-    with zipfile.ZipFile(io.BytesIO(content)) as archive:
-        names = archive.namelist()
-        if SIGNATURE_FILE not in names or len(set(names)) != len(names):
-            return None
-        try:
-            doc = json.loads(archive.read(SIGNATURE_FILE))
-            key_line, signature = trusted.get(str(doc["key_id"])), base64.b64decode(doc["signature"], validate=True)
-        except (ValueError, KeyError, TypeError):
-            return None
-        if key_line is None:
-            return None
-        hashes = {name: hashlib.sha256(archive.read(name)).hexdigest() for name in names
-                  if name not in (SIGNATURE_FILE, CONTENT_FILE)}
-    try:
-        key = serialization.load_ssh_public_key(key_line.encode())
-        if not isinstance(key, ed25519.Ed25519PublicKey):
-            return None
-        key.verify(signature, _SIGNATURE_DOMAIN + _manifest(hashes))
-    except (InvalidSignature, ValueError):
-        return None
-    return str(doc["key_id"])
-
-
 def read_trusted_keys(path: str | Path) -> dict[str, str]:
     """Key id -> public key line from a bundle's ``trusted-entities.yaml`` (the format ``deploy init`` writes:
     ``id: "ssh-ed25519 ..."`` lines)."""
@@ -371,10 +326,6 @@ def _match(prefix: str, apps: dict[str, dict], state: Path) -> str:
 
 def _canonical(doc: dict) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-
-
-def _manifest(hashes: dict[str, str]) -> bytes:
-    return "".join(f"{path} {digest}\n" for path, digest in sorted(hashes.items())).encode()
 
 
 def _now() -> str:

@@ -75,6 +75,20 @@ def revoke_site_cmd(
                "it); until then the site can still connect.")
 
 
+@deploy_app.command("sign-app")
+def sign_app_cmd(
+    app: Path = typer.Argument(..., help="The Flower app's folder (what `flwr run` is given)."),
+    deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init` "
+                                    "(its app-signing/ key signs)."),
+) -> None:
+    """Sign an app with the deployment's app-signing key (APP/facefl-app-signature.json). Sites whose site.toml says
+    trust-signed-apps = true run it without approving its hash; change any file and it must be signed again."""
+    from server.deployment.provision import sign_app
+
+    path, sha256 = sign_app(deployment, app)
+    typer.echo(f"Signed {app}: {path} (the bundle `flwr run` sends has sha256 {sha256}).")
+
+
 def superlink_command(
     deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init`."),
     state: Optional[Path] = typer.Option(None, "--state", help="State folder: database (registered sites, runs), "

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from conftest import patience
-from test_deployment_e2e import (BINDIR, MARK, REPO, SITES, Federation, _free_port, _leftover_processes, _nodes,
+from test_deployment_e2e import (MARK, REPO, SITES, Federation, _free_port, _leftover_processes, _nodes,
                                  _node_ids, _site_data, _start, _start_superlink, _stop, _wait_for)
 
-from client.app_approval import APPROVALS_FILE, read_app
+from client.app_approval import APPROVALS_FILE, approve, read_app
 from common.audit import verify_log
 from server.deployment.flwr_cli import run_logs, start_run, wait_run
 from server.deployment.provision import init_deployment
@@ -59,7 +59,8 @@ def fed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("approval")
     dep = init_deployment(tmp / "dep", "127.0.0.1", list(SITES))
     toml = dep.root / "sites" / "c" / "site.toml"
-    toml.write_text(toml.read_text() + "require-approved-apps = true\n")
+    assert "require-approved-apps = false\n" in toml.read_text()
+    toml.write_text(toml.read_text().replace("require-approved-apps = false\n", "require-approved-apps = true\n"))
     fed = Federation(dep.root, dep.superlink_dir / "state", _free_port(), None, None, tmp)
     try:
         _start_superlink(fed, tmp / "superlink.out")
@@ -80,15 +81,8 @@ def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed,
     content, info = read_app(app)
     states = {s: tmp / "site-state" / s for s in SITES}
 
-    # The operators of a and b review the app and approve it; the approvals are signed and listed.
-    shown = _site_cli("show", app)
-    assert shown.returncode == 0 and info.sha256 in shown.stdout and CANARY in shown.stdout, shown.stderr
-    for s in APPROVING:
-        done = _site_cli("approve", app, "--deployment", fed.root, "--site", s, "--state", states[s], "--yes")
-        assert done.returncode == 0 and f"sha256 {info.sha256}" in done.stdout, done.stdout + done.stderr
-        listed = _site_cli("approvals", "--deployment", fed.root, "--site", s, "--state", states[s])
-        assert listed.returncode == 0 and info.sha256 in listed.stdout, listed.stderr
-
+    # The sites start before anything is approved: a and b say loudly that they would run any app, c (which requires
+    # approved apps) that it refuses every app. Approvals made while a site runs apply from its next task on.
     data = _site_data(lfw_root, tmp / "data")
     outs = {s: tmp / f"site-{s}.out" for s in SITES}
     for s in SITES:
@@ -96,12 +90,22 @@ def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed,
                                "--site", s, "--data", data[s], "--state", states[s], "--superlink", fed.address,
                                "--runtime-port", _free_port()], outs[s])
         fed.procs.append(fed.sites[s])
+
+    # Meanwhile the operators of a and b review the app and approve it: with the command (a) and the same function
+    # from Python (b); the approvals are signed and listed after their signature is checked.
+    done = _site_cli("approve", app, "--deployment", fed.root, "--site", "a", "--state", states["a"], "--yes")
+    assert done.returncode == 0 and f"sha256 {info.sha256}" in done.stdout, done.stdout + done.stderr
+    assert f"{CANARY}" in done.stdout and "publisher facefl" in done.stdout  # what the operator was shown
+    approve(states["b"], "b", content)
+    listed = _site_cli("approvals", "--deployment", fed.root, "--site", "a", "--state", states["a"])
+    assert listed.returncode == 0 and info.sha256 in listed.stdout, listed.stderr
+
     node_ids = _node_ids(fed)
     _wait_for(lambda: all(_nodes(fed).get(node_ids[s]) == "online" for s in SITES)
               or any(p.poll() is not None for p in fed.sites.values()), 120, "the sites did not connect",
               *outs.values())
     for s in APPROVING:
-        assert "runs only apps its operator approved" in outs[s].read_text()
+        assert "RUNS ANY APP THE SERVER SENDS" in outs[s].read_text()
     assert "requires approved apps but none is approved yet" in outs["c"].read_text()
 
     # Run 1: a and b train, c refuses before anything of the app is installed; min-sites=2 is met.
@@ -109,7 +113,7 @@ def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed,
               "num-rounds": 1, "min-sites": 2, "dp": False, "batch-size": 16, "eval-pairs": 100, "eval-faces": 16,
               "run-dir": str(tmp / "run"), "cache-dir": str(tmp / "cache"), "round-timeout": patience(120)}
     run_id = start_run(fed.root, fed.state, app, config)
-    status = wait_run(fed.root, fed.state, run_id, timeout=patience(240), poll=2)
+    status = wait_run(fed.root, fed.state, run_id, timeout=patience(240), poll=6)  # each poll is a `flwr` process
     logs = run_logs(fed.root, fed.state, run_id)
     assert status == "finished:completed", logs[-4000:]
     assert f"site c refused the app: app facefl {info.version} (sha256 {info.sha256}) refused: not approved" in logs
@@ -130,10 +134,10 @@ def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed,
     changed = _make_app(tmp / "app-changed", "canary-approved")
     source = (changed / CANARY).read_text()
     (changed / CANARY).write_text(source.replace("canary-approved", "canary-approveD"))
-    changed_content, changed_info = read_app(changed)
+    _, changed_info = read_app(changed)
     assert sum(x != y for x, y in zip(source, (changed / CANARY).read_text())) == 1
     run2 = start_run(fed.root, fed.state, changed, {**config, "run-dir": str(tmp / "run-changed")})
-    status = wait_run(fed.root, fed.state, run2, timeout=patience(180), poll=2)
+    status = wait_run(fed.root, fed.state, run2, timeout=patience(180), poll=6)
     logs = run_logs(fed.root, fed.state, run2)
     assert status == "finished:failed", logs[-4000:]
     assert "3 of 3 sites refused this app (a, b, c: not approved there)" in logs, logs[-4000:]
