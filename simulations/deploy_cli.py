@@ -2,8 +2,8 @@
 one SuperNode per site, ``server/deployment/provision.py``), ``superlink`` (``server/deployment/superlink.py``)
 and ``site`` (``client/supernode.py``).
 
-Registered in ``simulations/cli.py``; ``python -m simulations.deploy_cli superlink|site ...`` runs the two
-long-running commands without the rest of the CLI. Errors are raised as
+Registered in ``simulations/cli.py``; ``python -m simulations.deploy_cli deploy|superlink|site ...`` runs them
+without the rest of the CLI. Errors are raised as
 ``ValueError`` / ``FileNotFoundError`` (``ProvisionError`` is a ``ValueError``) with a one-line message; the main
 entry point prints them as ``error: ...`` and exits with status 2.
 """
@@ -246,6 +246,7 @@ def site_revoke(
 def _main() -> None:
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="facefl deployment processes: a SuperLink and its sites.")
+    app.add_typer(deploy_app, name="deploy")
     app.command("superlink")(superlink_command)
     app.add_typer(site_app, name="site")
     try:
