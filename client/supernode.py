@@ -87,12 +87,7 @@ def resolve_site(deployment_dir: str | Path, site: str, *, data: str | Path | No
     else:
         raise DeploymentRunError(f"No data folder for site {name}: pass --data PATH (a folder of identity folders) "
                                  f"or set data-path in {bundle / SITE_CONFIG}.")
-    if state:
-        state_dir = Path(state).expanduser().absolute()
-    elif config.get("state-dir"):
-        state_dir = bundle_path("state-dir", "state")
-    else:
-        state_dir = Path.home() / ".local" / "share" / "facefl" / name
+    state_dir = _state_dir(bundle, config, name, state)
     address = superlink or str(config.get("superlink") or "")
     if not address:
         raise DeploymentRunError(f"No SuperLink address for site {name}: pass --superlink HOST:PORT.")
@@ -115,7 +110,10 @@ def site_state(deployment_dir: str | Path, site: str, state: str | Path | None =
     its data folder: ``state``, else ``state-dir`` in ``site.toml``, else ``~/.local/share/facefl/NAME``."""
     name = check_site_name(site)
     bundle, _ = _find_bundle(Path(deployment_dir).expanduser().absolute(), name)
-    config = _read_site_toml(bundle)
+    return _state_dir(bundle, _read_site_toml(bundle), name, state)
+
+
+def _state_dir(bundle: Path, config: dict[str, Any], name: str, state: str | Path | None) -> Path:
     if state:
         return Path(state).expanduser().absolute()
     if config.get("state-dir"):
