@@ -75,7 +75,7 @@ def fed(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed, lfw_root):
+def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed, lfw_root, cache_dir):
     tmp = fed.tmp
     app = _make_app(tmp / "app", "canary-approved")
     content, info = read_app(app)
@@ -110,8 +110,8 @@ def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed,
 
     # Run 1: a and b train, c refuses before anything of the app is installed; min-sites=2 is met.
     config = {"task": "embedding", "model": "compact", "validation-people": 0, "data": str(lfw_root),
-              "num-rounds": 1, "min-sites": 2, "dp": False, "batch-size": 16, "eval-pairs": 100, "eval-faces": 16,
-              "run-dir": str(tmp / "run"), "cache-dir": str(tmp / "cache"), "round-timeout": patience(120)}
+              "num-rounds": 1, "min-sites": 2, "dp": False, "batch-size": 16, "eval-pairs": 10, "eval-faces": 16,
+              "run-dir": str(tmp / "run"), "cache-dir": str(cache_dir), "round-timeout": patience(120)}
     run_id = start_run(fed.root, fed.state, app, config)
     status = wait_run(fed.root, fed.state, run_id, timeout=patience(240), poll=6)  # each poll is a `flwr` process
     logs = run_logs(fed.root, fed.state, run_id)
