@@ -18,12 +18,16 @@ commands. Imports only ``common`` plumbing (``app_signature``, ``atomic``, ``dep
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
+import secrets
 import tomllib
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -162,26 +166,31 @@ def approve(state: str | Path, site: str, content: bytes, *, operator_key: str |
     ``STATE/app-operator.key`` when ``operator_key`` is not given)."""
     info = fab_info(content)
     state = Path(state)
-    key = _operator_key(state, operator_key, create=True)
-    current = load_approvals(state, site) if (state / APPROVALS_FILE).exists() else Approvals(site, {}, {})
-    apps, revoked = dict(current.apps), dict(current.revoked)
-    revoked.pop(info.sha256, None)
-    apps[info.sha256] = {"name": info.name, "version": info.version, "publisher": info.publisher,
-                         "files": [[path, size] for path, size in info.files], "approved_at": _now(), "note": note}
-    _write(state, key, Approvals(site, apps, revoked))
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _locked(state):
+        key = _operator_key(state, operator_key, create=True)
+        current = load_approvals(state, site) if (state / APPROVALS_FILE).exists() else Approvals(site, {}, {})
+        apps, revoked = dict(current.apps), dict(current.revoked)
+        revoked.pop(info.sha256, None)
+        apps[info.sha256] = {"name": info.name, "version": info.version, "publisher": info.publisher,
+                             "files": [[path, size] for path, size in info.files], "approved_at": _now(), "note": note}
+        _write(state, key, Approvals(site, apps, revoked))
     return info
 
 
 def revoke(state: str | Path, site: str, sha256: str, *, operator_key: str | Path | None = None) -> dict:
     """Withdraw the approval of the app with this SHA-256 (a unique prefix of at least 8 digits is enough)."""
     state = Path(state)
-    current = load_approvals(state, site)
-    full = _match(sha256, current.apps, state)
-    key = _operator_key(state, operator_key, create=False)
-    apps, revoked = dict(current.apps), dict(current.revoked)
-    entry = apps.pop(full)
-    revoked[full] = {**entry, "revoked_at": _now()}
-    _write(state, key, Approvals(site, apps, revoked))
+    if not approvals_configured(state):
+        raise AppApprovalError(f"No app is approved at site {site} (no {state / APPROVALS_FILE}); nothing to revoke.")
+    with _locked(state):
+        current = load_approvals(state, site)
+        full = _match(sha256, current.apps, state)
+        key = _operator_key(state, operator_key, create=False)
+        apps, revoked = dict(current.apps), dict(current.revoked)
+        entry = apps.pop(full)
+        revoked[full] = {**entry, "revoked_at": _now()}
+        _write(state, key, Approvals(site, apps, revoked))
     return {"sha256": full, **entry}
 
 
@@ -303,9 +312,21 @@ def _write(state: Path, key: ed25519.Ed25519PrivateKey, approvals: Approvals) ->
     atomic_write_bytes(state / APPROVALS_FILE, (json.dumps(doc, indent=2) + "\n").encode())
 
 
+@contextlib.contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    """One approve or revoke at a time on a site's approvals (each reads, changes and re-signs the whole file)."""
+    fd = os.open(state / ".app-approvals.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _write_private(path: Path, data: bytes) -> None:
+    """A private key: created 0600 from the start, then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
