@@ -119,6 +119,9 @@ def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed,
     assert f"site c refused the app: app facefl {info.version} (sha256 {info.sha256}) refused: not approved" in logs
     rounds = {r["round"]: r for r in json.loads((tmp / "run" / "metrics.json").read_text())["rounds"]}
     assert set(rounds[1]["sites"]) == set(APPROVING) and set(rounds[1]["refused"]) == {"c"}, rounds[1]
+    from server.report.reader import read_run
+
+    assert "Round 1: site c refused the run's app (not approved there)" in " ".join(read_run(tmp / "run").notes)
     refused_line = [line for line in outs["c"].read_text().splitlines() if f"REFUSED run {run_id}" in line]
     assert len(refused_line) == 1 and info.sha256 in refused_line[0], outs["c"].read_text()[-3000:]
     assert [(e["run_id"], e["fab_hash"]) for e in _audit(states["c"], "app-refused")] == [(run_id, info.sha256)]
@@ -141,6 +144,7 @@ def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed,
     logs = run_logs(fed.root, fed.state, run2)
     assert status == "finished:failed", logs[-4000:]
     assert "3 of 3 sites refused this app (a, b, c: not approved there)" in logs, logs[-4000:]
+    assert "3 of 3 sites refused this app" in read_run(tmp / "run-changed").notes[0]  # the report says so first
     for s in SITES:
         assert changed_info.sha256 in [e["fab_hash"] for e in _audit(states[s], "app-refused")], s
         assert not (states[s] / "canary-approveD").exists(), s
