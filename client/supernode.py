@@ -8,20 +8,30 @@ anything starts, the site checks its bundle (CA, key, ``site.toml``), its data f
 more images) and its ports. The site keeps reconnecting while the SuperLink is away (Flower's default: no limit
 on retries). The command stays in the foreground under :mod:`common.processes`.
 
-Signed apps: an app sent with ``flwr run .`` carries no signature in Flower 1.42, so ``--trusted-entities`` is
-passed to the SuperNode only when its ``site.toml`` says ``require-signed-apps = true`` (it then refuses such apps).
+Which apps run here: the SuperNode is started with ``--isolation process``, so it runs no app itself; next to it
+``client/app_launcher.py`` takes each ClientApp task and starts ``client/app_gate.py``, which checks the app
+(approved at this site by ``facefl site approve``, or signed with the federation's app-signing key when
+``site.toml`` says ``trust-signed-apps = true``) before any file of it is installed or imported. A site whose
+operator approved nothing and that trusts no signing key runs whatever app the server sends, and says so loudly
+when it starts (``require-approved-apps = true`` in ``site.toml`` refuses every app until one is approved).
+
+Flower's own ``--trusted-entities`` is passed to the SuperNode only when ``site.toml`` says
+``require-signed-apps = true``: Flower 1.42 fills in those signatures only for Flower Hub apps, so such a site
+refuses every app sent with ``flwr run``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.app_approval import APPROVALS_FILE, approvals_configured, read_trusted_keys
 from common.deployment import (DATA_PATH_PLACEHOLDER, DEPLOYMENT_FILE, SITE_CONFIG, SUPERNODE_RUNTIME_PORT,
                                DeploymentRunError, check_bindable, check_host_port, check_port, check_site_name,
                                flower_bin, flower_env, flwr_home, node_config_value)
@@ -46,6 +56,8 @@ class SiteSettings:
     runtime_port: int
     trusted_entities: Path | None = None
     require_secure_aggregation: bool = False
+    signing_keys: Path | None = None  # trusted-entities.yaml whose keys' signed apps run (trust-signed-apps)
+    require_approved_apps: bool = False  # refuse every app not approved (or signed), even with no approvals yet
 
 
 def resolve_site(deployment_dir: str | Path, site: str, *, data: str | Path | None = None,
@@ -75,12 +87,7 @@ def resolve_site(deployment_dir: str | Path, site: str, *, data: str | Path | No
     else:
         raise DeploymentRunError(f"No data folder for site {name}: pass --data PATH (a folder of identity folders) "
                                  f"or set data-path in {bundle / SITE_CONFIG}.")
-    if state:
-        state_dir = Path(state).expanduser().absolute()
-    elif config.get("state-dir"):
-        state_dir = bundle_path("state-dir", "state")
-    else:
-        state_dir = Path.home() / ".local" / "share" / "facefl" / name
+    state_dir = _state_dir(bundle, config, name, state)
     address = superlink or str(config.get("superlink") or "")
     if not address:
         raise DeploymentRunError(f"No SuperLink address for site {name}: pass --superlink HOST:PORT.")
@@ -88,11 +95,30 @@ def resolve_site(deployment_dir: str | Path, site: str, *, data: str | Path | No
     trusted = bundle_path("trusted-entities", "trusted-entities.yaml") if config.get("require-signed-apps") else None
     if trusted is not None and not trusted.is_file():
         raise FileNotFoundError(f"require-signed-apps is set in {bundle / SITE_CONFIG} but {trusted} is missing.")
+    signing = bundle_path("trusted-entities", "trusted-entities.yaml") if config.get("trust-signed-apps") else None
+    if signing is not None:
+        read_trusted_keys(signing)  # a missing or empty key file stops the site here, with what to do
     port = runtime_port if runtime_port is not None else ports.get("supernode_runtime", SUPERNODE_RUNTIME_PORT)
     secure = bool(config.get("require-secure-aggregation", False)) if require_secure_aggregation is None \
         else require_secure_aggregation
     return SiteSettings(name, bundle, address, ca_cert, private_key, data_path, state_dir, check_port(port),
-                        trusted, secure)
+                        trusted, secure, signing, bool(config.get("require-approved-apps", False)))
+
+
+def site_state(deployment_dir: str | Path, site: str, state: str | Path | None = None) -> Path:
+    """The site's state folder (where its approvals are kept), as ``facefl site`` resolves it, without checking
+    its data folder: ``state``, else ``state-dir`` in ``site.toml``, else ``~/.local/share/facefl/NAME``."""
+    name = check_site_name(site)
+    bundle, _ = _find_bundle(Path(deployment_dir).expanduser().absolute(), name)
+    return _state_dir(bundle, _read_site_toml(bundle), name, state)
+
+
+def _state_dir(bundle: Path, config: dict[str, Any], name: str, state: str | Path | None) -> Path:
+    if state:
+        return Path(state).expanduser().absolute()
+    if config.get("state-dir"):
+        return (bundle / str(config["state-dir"])).expanduser().absolute()
+    return Path.home() / ".local" / "share" / "facefl" / name
 
 
 def supernode_argv(settings: SiteSettings, *, max_retries: int | None = None,
@@ -106,7 +132,7 @@ def supernode_argv(settings: SiteSettings, *, max_retries: int | None = None,
             "--root-certificates", str(settings.ca_cert),
             "--auth-supernode-private-key", str(settings.private_key),
             "--node-config", node_config,
-            "--isolation", "subprocess",
+            "--isolation", "process",  # runs no app itself: client.app_launcher and client.app_gate do
             "--port", str(settings.runtime_port)]
     if settings.trusted_entities is not None:
         argv += ["--trusted-entities", str(settings.trusted_entities)]
@@ -135,6 +161,7 @@ def run_site(deployment_dir: str | Path, site: str, *, data: str | Path | None =
         if settings.trusted_entities is not None:
             say("require-signed-apps is on: apps sent with `flwr run .` carry no signature in Flower 1.42 and "
                  "will be refused by this site.")
+        say(app_policy(settings))
         log_path = settings.state / SUPERNODE_LOG
         say(f"starting site {settings.name}: SuperLink {settings.superlink}, data {settings.data}, "
              f"state {settings.state}, log {log_path}")
@@ -142,12 +169,44 @@ def run_site(deployment_dir: str | Path, site: str, *, data: str | Path | None =
                                                                              max_wait_time=max_wait_time),
                        env=flower_env(flwr_home(settings.state)), cwd=settings.state, log_path=log_path, echo=echo,
                        on_line=_site_watcher(settings))
-        with child:
-            code = run_in_foreground(child)
+        launcher = ChildProcess(f"app launcher ({settings.name})", launcher_argv(settings),
+                                env=flower_env(flwr_home(settings.state)), cwd=settings.state, log_path=log_path,
+                                echo=echo)
+        with child, launcher:
+            code = run_in_foreground(child, companions=[launcher])
         hint = _site_hint(child.tail()) if code else ""
         if hint:
             say(hint)
         return code
+
+
+def launcher_argv(settings: SiteSettings) -> list[str]:
+    """The command line of the site's task launcher (``client/app_launcher.py``), next to its SuperNode."""
+    argv = [sys.executable, "-m", "client.app_launcher", "--runtime-api-address",
+            f"127.0.0.1:{settings.runtime_port}", "--site", settings.name, "--state", str(settings.state),
+            "--parent-pid", str(os.getpid())]
+    if settings.signing_keys is not None:
+        argv += ["--trusted-keys", str(settings.signing_keys)]
+    if settings.require_approved_apps:
+        argv.append("--require-approved-apps")
+    return argv
+
+
+def app_policy(settings: SiteSettings) -> str:
+    """One line on which apps this site runs; a loud warning when it runs any app the server sends."""
+    rules = []
+    if approvals_configured(settings.state):
+        rules.append(f"apps its operator approved ({settings.state / APPROVALS_FILE})")
+    if settings.signing_keys is not None:
+        rules.append(f"apps signed by the keys in {settings.signing_keys}")
+    if rules:
+        return f"site {settings.name} runs only " + " and ".join(rules) + "; every other app is refused."
+    if settings.require_approved_apps:
+        return (f"site {settings.name} requires approved apps but none is approved yet: every app is refused until "
+                "the operator runs `facefl site approve APP`.")
+    return (f"WARNING: site {settings.name} RUNS ANY APP THE SERVER SENDS, next to this site's data: no app is "
+            "approved here and no signing key is trusted. Approve the app with `facefl site approve APP "
+            f"--deployment BUNDLE --site {settings.name}` (or set trust-signed-apps = true in site.toml).")
 
 
 def check_site_data(path: str | Path) -> Path:

@@ -6,7 +6,7 @@ independent recognizer, the egress gate). The top-level modules are plumbing eve
 validated run configuration), ``atomic`` (atomic file writes), ``audit`` (hash-chained audit logs), ``weights``
 (the only weight loader: local path + SHA-256), ``dlib_weights`` (dlib's face ResNet file read into a state
 dict, converted once into the cache), ``metrics`` (verification and image metrics), ``secagg`` (SecAgg+
-arithmetic), and, for deployments, ``deployment`` (what the SuperLink's host and the sites share) and ``processes``
-(supervising a Flower process in the foreground). Nothing in ``common`` imports ``client``, ``server`` or
+arithmetic), and, for deployments, ``deployment`` (what the SuperLink's host and the sites share), ``app_signature``
+(apps signed by the federation's administrator) and ``processes`` (supervising a Flower process in the foreground). Nothing in ``common`` imports ``client``, ``server`` or
 ``simulations``; the plumbing modules import no subsystem.
 """

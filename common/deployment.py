@@ -27,6 +27,21 @@ FLWR_HOME_DIR = "flwr-home"
 SITE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
+_APP_REFUSED_RE = re.compile(r"site ([a-z0-9][a-z0-9-]{0,62}) refused the app: ")
+
+
+def app_refused_reason(site: str, why: str) -> str:
+    """The reason of the error reply a site sends when it refuses a run's app (``client/app_gate.py``); the server
+    reads the site's name back with :func:`refusing_site`."""
+    return f"site {site} refused the app: {why}"
+
+
+def refusing_site(reason: str) -> str | None:
+    """The site that refused the app, when an error reply's reason is a refusal; else None."""
+    found = _APP_REFUSED_RE.match(reason or "")
+    return found.group(1) if found else None
+
+
 class DeploymentRunError(ValueError):
     """A SuperLink or site cannot be started or driven as asked; the message says why and what to do."""
 

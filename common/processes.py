@@ -135,9 +135,12 @@ class ChildProcess:
 
 
 def run_in_foreground(child: ChildProcess, on_hup: Callable[[], None] | None = None,
-                      grace: float = STOP_GRACE_S) -> int:
+                      grace: float = STOP_GRACE_S, companions: Sequence[ChildProcess] = ()) -> int:
     """Wait for ``child`` to exit or for SIGINT/SIGTERM (forwarded to its group); a second signal or ``grace``
-    seconds without exit hard-stop it. SIGHUP calls ``on_hup``. Returns 0 after a stop by signal."""
+    seconds without exit hard-stop it. SIGHUP calls ``on_hup``. Returns 0 after a stop by signal.
+
+    ``companions`` are processes the child cannot work without (a site's task launcher): signals reach them too,
+    and when one exits on its own, the child is stopped and that companion's status is returned."""
     received: list[int] = []
     hup = threading.Event()
 
@@ -147,6 +150,8 @@ def run_in_foreground(child: ChildProcess, on_hup: Callable[[], None] | None = N
             return
         if not received:
             child.signal(signum)
+            for companion in companions:
+                companion.signal(signum)
         received.append(signum)
 
     previous = {}
@@ -155,6 +160,13 @@ def run_in_foreground(child: ChildProcess, on_hup: Callable[[], None] | None = N
     try:
         deadline, tracked = math.inf, 0.0
         while child.poll() is None:
+            gone = next((c for c in companions if c.poll() is not None), None)
+            if gone is not None and not received:
+                say(f"{gone.name} exited with status {gone.proc.returncode}; stopping {child.name}" +
+                    ("." if gone.echo else f"; its last lines:\n{gone.tail()}"))
+                child.stop()
+                code = gone.proc.returncode
+                return (128 - code if code < 0 else code) or 1
             if time.monotonic() - tracked > 1.0:  # remember what runs under the child while its tree is intact
                 child.track()
                 tracked = time.monotonic()

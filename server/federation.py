@@ -61,6 +61,8 @@ def audit_round(audit: AuditLog, server_round: int, report, metrics: dict, priva
     seen.update(replied)
     for site, reason in sorted(report.rejected.items()):
         audit.append("update-rejected", round=server_round, site=site, reason=reason)
+    for site, reason in sorted(report.refused.items()):
+        audit.append("app-refused", round=server_round, site=site, reason=reason)
     for site, message in sorted(report.declined.items()):
         audit.append("budget-exhausted", round=server_round, site=site, message=message,
                      epsilon=privacy.get(site, {}).get("epsilon"))

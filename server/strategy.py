@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from common.config import RunConfig
+from common.deployment import refusing_site
 from common.models.federated import check_state, update_norm
 
 log = logging.getLogger("facefl.server")
@@ -32,6 +33,10 @@ log = logging.getLogger("facefl.server")
 
 class QuorumError(RuntimeError):
     """Fewer than ``min-sites`` sites stayed connected for longer than ``quorum-timeout``."""
+
+
+class AppRefusedError(QuorumError):
+    """So many sites refused the run's app (not approved there) that fewer than ``min-sites`` can take part."""
 
 
 def wait_for_quorum(grid, min_sites: int, timeout: float, *, poll: float = 1.0) -> list[int]:
@@ -60,6 +65,7 @@ class RoundReport:
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
     declined: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # sites that refused to run the app (also in failed)
     rejected: dict[str, str] = field(default_factory=dict)
     audit_heads: dict[str, str] = field(default_factory=dict)  # each site's newest audit-log hash
     guard: dict = field(default_factory=dict)  # the aggregate's validation score; kept False: the round was rejected
@@ -128,10 +134,16 @@ class SiteAwareMixin:
         absolute = server_round + self.round_offset
         report = RoundReport()
         usable: list = []
+        replies = list(replies)
         for msg in replies:
             node = f"node-{msg.metadata.src_node_id}"
             if msg.has_error():
-                report.failed[node] = str(msg.error.reason)
+                reason = str(msg.error.reason)
+                site = refusing_site(reason)
+                report.failed[site or node] = reason
+                if site:
+                    report.refused[site] = reason
+                    log.warning("round %d: %s (node %d)", absolute, reason, msg.metadata.src_node_id)
                 continue
             content = msg.content
             name = str(content["site"]["name"]) if "site" in content.config_records else node
@@ -160,6 +172,13 @@ class SiteAwareMixin:
         # arrive in whatever order the sites finish, so only this makes a run with a fixed seed repeat bit for bit.
         usable = [msg for _, msg in sorted(usable, key=lambda pair: pair[0])]
         self.reports[absolute] = report
+        willing = len(replies) - len(report.refused)
+        if report.refused and willing < self.min_sites:
+            raise AppRefusedError(
+                f"Round {absolute}: {len(report.refused)} of {len(replies)} sites refused this app "
+                f"({', '.join(sorted(report.refused))}: not approved there), so fewer than min-sites={self.min_sites} "
+                "can take part; the run ends here. Have the sites' operators approve the app (facefl site approve), "
+                "or lower min-sites.")
         if report.declined:
             log.info("round %d: declined (privacy budget): %s", absolute, ", ".join(sorted(report.declined)))
         if not usable:

@@ -42,11 +42,11 @@ app.add_typer(audit_app, name="audit")
 
 
 def _add_deploy() -> None:
-    from simulations.deploy_cli import deploy_app, site_command, superlink_command
+    from simulations.deploy_cli import deploy_app, site_app, superlink_command
 
     app.add_typer(deploy_app, name="deploy")
     app.command("superlink")(superlink_command)
-    app.command("site")(site_command)
+    app.add_typer(site_app, name="site")
 
 
 _add_deploy()

@@ -2,8 +2,8 @@
 one SuperNode per site, ``server/deployment/provision.py``), ``superlink`` (``server/deployment/superlink.py``)
 and ``site`` (``client/supernode.py``).
 
-Registered in ``simulations/cli.py``; ``python -m simulations.deploy_cli superlink|site ...`` runs the two
-long-running commands without the rest of the CLI. Errors are raised as
+Registered in ``simulations/cli.py``; ``python -m simulations.deploy_cli deploy|superlink|site ...`` runs them
+without the rest of the CLI. Errors are raised as
 ``ValueError`` / ``FileNotFoundError`` (``ProvisionError`` is a ``ValueError``) with a one-line message; the main
 entry point prints them as ``error: ...`` and exits with status 2.
 """
@@ -75,6 +75,20 @@ def revoke_site_cmd(
                "it); until then the site can still connect.")
 
 
+@deploy_app.command("sign-app")
+def sign_app_cmd(
+    app: Path = typer.Argument(..., help="The Flower app's folder (what `flwr run` is given)."),
+    deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init` "
+                                    "(its app-signing/ key signs)."),
+) -> None:
+    """Sign an app with the deployment's app-signing key (APP/facefl-app-signature.json). Sites whose site.toml says
+    trust-signed-apps = true run it without approving its hash; change any file and it must be signed again."""
+    from server.deployment.provision import sign_app
+
+    path, sha256 = sign_app(deployment, app)
+    typer.echo(f"Signed {app}: {path} (the bundle `flwr run` sends has sha256 {sha256}).")
+
+
 def superlink_command(
     deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init`."),
     state: Optional[Path] = typer.Option(None, "--state", help="State folder: database (registered sites, runs), "
@@ -92,14 +106,21 @@ def superlink_command(
     raise typer.Exit(run_superlink(deployment, state=state, port=port, host=host, startup_timeout=startup_timeout))
 
 
+site_app = typer.Typer(help="Run this site (`facefl site --deployment BUNDLE --site NAME --data FACES`), and "
+                       "approve the apps it may run (approve, approvals, revoke, show).")
+
+
+@site_app.callback(invoke_without_command=True)
 def site_command(
-    deployment: Path = typer.Option(..., "--deployment", help="The deployment folder, or this site's bundle "
-                                    "(DIR/sites/NAME as the operator handed it out)."),
-    site: str = typer.Option(..., "--site", help="This site's name."),
+    ctx: typer.Context,
+    deployment: Optional[Path] = typer.Option(None, "--deployment", help="The deployment folder, or this site's "
+                                              "bundle (DIR/sites/NAME as the operator handed it out)."),
+    site: Optional[str] = typer.Option(None, "--site", help="This site's name."),
     data: Optional[Path] = typer.Option(None, "--data", help="This site's faces: a folder of identity folders "
                                         "(default: data-path in site.toml)."),
-    state: Optional[Path] = typer.Option(None, "--state", help="Privacy ledger, audit log, margin head, FLWR_HOME "
-                                         "(default: state-dir in site.toml, or ~/.local/share/facefl/NAME)."),
+    state: Optional[Path] = typer.Option(None, "--state", help="Privacy ledger, audit log, app approvals, margin "
+                                         "head, FLWR_HOME (default: state-dir in site.toml, or "
+                                         "~/.local/share/facefl/NAME)."),
     superlink: Optional[str] = typer.Option(None, "--superlink", help="SuperLink HOST:PORT (default: the bundle's)."),
     runtime_port: Optional[int] = typer.Option(None, "--runtime-port", help="Local port of the SuperNode's "
                                                "Runtime API (default 9094; one per site on a machine)."),
@@ -112,8 +133,14 @@ def site_command(
         help="Refuse rounds that are not securely aggregated (SecAgg+), so the server never holds this site's "
              "update alone (default: require-secure-aggregation in site.toml, else allow)."),
 ) -> None:
-    """Run this site's SuperNode: it trains on the local faces when the SuperLink asks; stays in the foreground
-    until Ctrl-C."""
+    """Run this site's SuperNode: it trains on the local faces when the SuperLink asks, and runs only the apps
+    its operator approved (see `facefl site approve --help`); stays in the foreground until Ctrl-C."""
+    ctx.obj = {"deployment": deployment, "site": site, "state": state}
+    if ctx.invoked_subcommand is not None:
+        return
+    if deployment is None or site is None:
+        raise ValueError("Give --deployment BUNDLE and --site NAME to run a site (or a command: facefl site "
+                         "approve|approvals|revoke|show).")
     from client.supernode import run_site
 
     raise typer.Exit(run_site(deployment, site, data=data, state=state, superlink=superlink,
@@ -121,11 +148,107 @@ def site_command(
                               require_secure_aggregation=require_secure_aggregation))
 
 
+_DEPLOYMENT = typer.Option(None, "--deployment", help="The deployment folder, or this site's bundle.")
+_SITE = typer.Option(None, "--site", help="This site's name.")
+_STATE = typer.Option(None, "--state", help="The site's state folder (default: as `facefl site` finds it).")
+_OPERATOR_KEY = typer.Option(None, "--operator-key", help="The site operator's Ed25519 key that signs the "
+                             "approvals (default STATE/app-operator.key, made on the first approval).")
+
+
+def _site_state(ctx: typer.Context, deployment: Optional[Path], site: Optional[str], state: Optional[Path]
+                ) -> tuple[str, Path]:
+    from client.supernode import site_state
+
+    parent = ctx.obj or {}
+    deployment, site, state = deployment or parent.get("deployment"), site or parent.get("site"), \
+        state or parent.get("state")
+    if deployment is None or site is None:
+        raise ValueError("Give --deployment BUNDLE and --site NAME (the site whose approvals these are).")
+    return site, site_state(deployment, site, state)
+
+
+@site_app.command("show")
+def site_show(app: Path = typer.Argument(..., help="A .fab file, or the app's folder (built as `flwr run` "
+                                         "builds it).")) -> None:
+    """Show what an app is (name, version, publisher, SHA-256, files) without approving or running it."""
+    from client.app_approval import read_app
+
+    _, info = read_app(app)
+    typer.echo(info.describe())
+
+
+@site_app.command("approve")
+def site_approve(
+    ctx: typer.Context,
+    app: Path = typer.Argument(..., help="A .fab file, or the app's folder (built as `flwr run` builds it)."),
+    deployment: Optional[Path] = _DEPLOYMENT, site: Optional[str] = _SITE, state: Optional[Path] = _STATE,
+    operator_key: Optional[Path] = _OPERATOR_KEY,
+    yes: bool = typer.Option(False, "--yes", help="Approve without asking (after showing the app)."),
+    note: str = typer.Option("", "--note", help="Why it was approved (kept with the approval)."),
+) -> None:
+    """Approve an app at this site: from then on the site runs exactly this app (by its SHA-256) when a run sends it;
+    every other app is refused before any of its code runs."""
+    from client.app_approval import approve, read_app
+    from common.audit import AuditLog
+
+    name, folder = _site_state(ctx, deployment, site, state)
+    content, info = read_app(app)
+    typer.echo(info.describe())
+    if not yes and not typer.confirm(f"Approve this app at site {name}?", default=False):
+        raise typer.Exit(1)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    approve(folder, name, content, operator_key=operator_key, note=note)
+    AuditLog(folder / "audit.jsonl", actor=f"site:{name}").append(
+        "app-approved", fab_hash=info.sha256, app=f"{info.fab_id} {info.version}", files=len(info.files), note=note)
+    typer.echo(f"Approved {info.name} {info.version} (sha256 {info.sha256}) at site {name}; recorded in "
+               f"{folder / 'app-approvals.json'}.")
+
+
+@site_app.command("approvals")
+def site_approvals(ctx: typer.Context, deployment: Optional[Path] = _DEPLOYMENT, site: Optional[str] = _SITE,
+                   state: Optional[Path] = _STATE) -> None:
+    """List the apps approved (and revoked) at this site, after checking the approvals' signature."""
+    from client.app_approval import approvals_configured, load_approvals
+
+    name, folder = _site_state(ctx, deployment, site, state)
+    if not approvals_configured(folder):
+        typer.echo(f"No app is approved at site {name} ({folder}): it runs any app the server sends. Approve one "
+                   "with `facefl site approve APP`.")
+        return
+    approvals = load_approvals(folder, name)
+    typer.echo(f"Site {name}: {len(approvals.apps)} approved, {len(approvals.revoked)} revoked (signature checked).")
+    for sha, entry in sorted(approvals.apps.items(), key=lambda kv: kv[1]["approved_at"]):
+        typer.echo(f"  approved {entry['approved_at']}  {sha}  {entry['name']} {entry['version']} "
+                   f"({entry['publisher']}, {len(entry['files'])} files)")
+    for sha, entry in sorted(approvals.revoked.items(), key=lambda kv: kv[1]["revoked_at"]):
+        typer.echo(f"  revoked  {entry['revoked_at']}  {sha}  {entry['name']} {entry['version']}")
+
+
+@site_app.command("revoke")
+def site_revoke(
+    ctx: typer.Context,
+    sha256: str = typer.Argument(..., help="The app's SHA-256 (8 or more leading digits) from `facefl site "
+                                 "approvals`."),
+    deployment: Optional[Path] = _DEPLOYMENT, site: Optional[str] = _SITE, state: Optional[Path] = _STATE,
+    operator_key: Optional[Path] = _OPERATOR_KEY,
+) -> None:
+    """Withdraw an app's approval: the site refuses it from its next task on."""
+    from client.app_approval import revoke
+    from common.audit import AuditLog
+
+    name, folder = _site_state(ctx, deployment, site, state)
+    entry = revoke(folder, name, sha256, operator_key=operator_key)
+    AuditLog(folder / "audit.jsonl", actor=f"site:{name}").append(
+        "app-revoked", fab_hash=entry["sha256"], app=f"{entry['publisher']}/{entry['name']} {entry['version']}")
+    typer.echo(f"Revoked {entry['name']} {entry['version']} (sha256 {entry['sha256']}) at site {name}.")
+
+
 def _main() -> None:
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help="facefl deployment processes: a SuperLink and its sites.")
+    app.add_typer(deploy_app, name="deploy")
     app.command("superlink")(superlink_command)
-    app.command("site")(site_command)
+    app.add_typer(site_app, name="site")
     try:
         app()
     except (ValueError, FileNotFoundError) as exc:

@@ -343,6 +343,37 @@ def sign_fab(fab: bytes, private_key_path: str | Path, key_id: str, signed_at: i
     return {key_id: json.dumps({"signature": signature, "signed_at": signed_at}), "valid_license": "Valid"}
 
 
+def sign_app(deployment_dir: str | Path, app_dir: str | Path) -> tuple[Path, str]:
+    """Sign the Flower app in ``app_dir`` with the deployment's app-signing key: writes
+    ``APP/facefl-app-signature.json`` (see ``common/app_signature.py``) over the files of the bundle ``flwr run APP``
+    builds. Returns the signature file and the SHA-256 of the signed bundle as ``flwr run`` will send it. A site
+    whose ``site.toml`` says ``trust-signed-apps = true`` runs it without approving its hash; any later change to
+    the app's files voids the signature (sign again)."""
+    from flwr.cli.build import build_fab_from_disk, build_fab_from_files
+    from flwr.cli.utils import collect_files
+
+    from common.app_signature import SIGNATURE_FILE, fab_files, signature_file
+
+    root = _deployment_root(deployment_dir)
+    record = _read_record(root)
+    key = root / "app-signing" / SIGNING_KEY
+    if not key.is_file():
+        raise ProvisionError(f"No app-signing key at {key}; sign apps on the machine that keeps the deployment's "
+                             "app-signing/ folder.")
+    app = Path(app_dir).expanduser().absolute()
+    if not (app / "pyproject.toml").is_file():
+        raise ProvisionError(f"{app} has no pyproject.toml; pass the Flower app's folder (what `flwr run` is given).")
+    files = collect_files(app)
+    files.pop(SIGNATURE_FILE, None)
+    try:
+        unsigned, _ = build_fab_from_files(files)
+    except ValueError as exc:
+        raise ProvisionError(f"Cannot build {app} into an app bundle: {' '.join(str(exc).split())}") from None
+    target = app / SIGNATURE_FILE
+    _write_public(target, signature_file(fab_files(unsigned), key, record["app_signing"]["key_id"]))
+    return target, hashlib.sha256(build_fab_from_disk(app)).hexdigest()
+
+
 # --------------------------------------------------------------------------------------------- site bundles
 
 
@@ -381,8 +412,14 @@ def _site_toml(name: str, host: str) -> bytes:
         f"auth-supernode-private-key = {q(NODE_KEY)}\n"
         "# flower-supernode --trusted-entities\n"
         f"trusted-entities = {q(TRUSTED_ENTITIES)}\n"
-        "# Pass --trusted-entities. Flower 1.42 carries app signatures only for Flower Hub apps, so with this on\n"
-        "# the SuperNode refuses every app sent with `flwr run .` to our own SuperLink.\n"
+        "# Which apps run here. An app approved by this site's operator (`facefl site approve APP`) always runs; with\n"
+        "# trust-signed-apps, so does an app signed with the deployment's app-signing key (`facefl deploy sign-app`,\n"
+        "# checked against the keys in trusted-entities). With nothing approved and nothing trusted the site runs any\n"
+        "# app the server sends (it warns at start-up), unless require-approved-apps is on: then it refuses them all.\n"
+        "trust-signed-apps = false\n"
+        "require-approved-apps = false\n"
+        "# Flower's own check: pass --trusted-entities. Flower 1.42 carries its app signatures only for Flower Hub\n"
+        "# apps, so with this on the SuperNode refuses every app sent with `flwr run` to our own SuperLink.\n"
         "require-signed-apps = false\n"
         "# Take part only in rounds run with secure-aggregation=true (SecAgg+): the server then never holds this\n"
         "# site's update on its own. A plain round is refused (the run goes on without this site).\n"

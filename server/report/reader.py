@@ -172,9 +172,15 @@ def read_run(path: str | Path) -> RunData:
                    run=run, rounds=rounds, privacy=privacy,
                    checkpoint_round=int(checkpoint["round"]) if checkpoint else None,
                    state=checkpoint["state_dict"] if checkpoint else None, notes=notes)
+    for r in rounds:
+        refused = r.get("refused")
+        if isinstance(refused, dict) and refused:
+            notes.append(f"Round {r['round']}: site{'s' if len(refused) > 1 else ''} {', '.join(sorted(refused))} "
+                         "refused the run's app (not approved there); the round went on without "
+                         f"{'them' if len(refused) > 1 else 'it'}.")
     if data.status == "failed":
         notes.insert(0, f"The run failed after round {data.completed_rounds} of {cfg.num_rounds}: "
-                        f"{run.get('error', 'no error recorded')}.")
+                        f"{str(run.get('error', 'no error recorded')).rstrip('.')}.")
     elif data.interrupted:
         notes.insert(0, f"The run stopped after round {data.completed_rounds} of {cfg.num_rounds} "
                         f"(status '{data.status}': interrupted, or still running). This report shows the "
