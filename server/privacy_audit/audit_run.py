@@ -225,9 +225,26 @@ def audit_run(run_dir: str | Path, *, sites: int | None = None, settings: AuditS
     if write:
         from server.tracking import track_audit
 
+        previous = load_audit(run_dir) or {}
+        if previous.get("canaries", {}).get("round") == done:  # the canary audit of this checkpoint stays
+            result["canaries"] = previous["canaries"]
         atomic_write_json(run_dir / AUDIT_FILE, result)
         track_audit(run_dir, result)
     return result
+
+
+def merge_into_audit(run_dir: str | Path, key: str, entry: dict) -> None:
+    """Put ``entry`` under ``key`` in the run's ``privacy_audit.json`` (kept with the membership audit when that is of
+    the same round) and log it to the run's MLflow run."""
+    from server.tracking import track_audit
+
+    run_dir = Path(run_dir)
+    current = load_audit(run_dir) or {}
+    if current.get("round") != entry.get("round"):
+        current = {"run": str(run_dir.resolve()), "round": entry.get("round"), "models": {}}
+    current[key] = entry
+    atomic_write_json(run_dir / AUDIT_FILE, current)
+    track_audit(run_dir, {"round": entry.get("round"), key: entry})
 
 
 def _model_entry(kind: str, attacks: dict[str, AttackRates], cfg: RunConfig, epsilon: float, delta: float) -> dict:
