@@ -140,6 +140,10 @@ def simulate(
                 console.print(f"no report: {exc}", markup=False)
         raise
     _print_summary(run_dir)
+    if cfg.canary_gradients or cfg.canary_inputs:  # a canary run is audited at once (it is cheap)
+        from server.privacy_audit.canaries import canary_audit, canary_lines
+
+        console.print("\n".join(canary_lines(canary_audit(run_dir))), markup=False, highlight=False, soft_wrap=True)
     if privacy_audit:
         from server.privacy_audit.audit_run import audit_run
 
@@ -301,6 +305,32 @@ def audit_privacy(
         console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     console.print(audit_summary(result), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"written to {Path(run_dir) / 'privacy_audit.json'}", markup=False, highlight=False)
+
+
+@audit_app.command("canaries")
+def audit_canaries(
+    run_dir: str = typer.Argument(..., help="A finished simulated run trained with canaries (--set canary-gradients=M "
+                                  "and/or canary-inputs=M)."),
+    sites: Optional[int] = typer.Option(None, help="Number of sites (default: read from the run)."),
+    confidence: float = typer.Option(0.95, help="Confidence of the one-run epsilon lower bounds."),
+) -> None:
+    """The one-run canary audit (Steinke et al. 2023): white-box (gradient canaries read off every site's per-round
+    update) and black-box (input canaries scored on the final model) epsilon lower bounds, with the number of
+    canaries, guesses and correct guesses and the largest bound those canaries could certify; written into
+    RUN_DIR/privacy_audit.json (key "canaries"), the report and MLflow."""
+    from server.privacy_audit.canaries import canary_audit, canary_lines
+    from server.rundir import RunDirError
+
+    _setup_logging(False)
+    if not 0.5 < confidence < 1.0:
+        raise typer.BadParameter(f"--confidence must be between 0.5 and 1; got {confidence}.")
+    try:
+        result = canary_audit(run_dir, sites=sites, confidence=confidence)
+    except (RunDirError, ValueError, OSError) as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    console.print("\n".join(canary_lines(result)), markup=False, highlight=False, soft_wrap=True)
     console.print(f"written to {Path(run_dir) / 'privacy_audit.json'}", markup=False, highlight=False)
 
 
