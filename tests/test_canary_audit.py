@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -165,3 +166,74 @@ def test_faults_cannot_be_set_from_the_run_config():
     with pytest.raises(ValueError, match="Unknown DP fault"):
         with broken_dp("half-noise"):
             pass
+
+
+# ----------------------------------------------------------------------------------------------- a federation
+@pytest.fixture(scope="module")
+def canary_run(lfw_root, cache_dir, tmp_path_factory):
+    """Two sites through Flower's server loop (in-process transport), DP at epsilon 2, both kinds of canaries, tracked
+    in MLflow; then the canary audit as `facefl simulate` runs it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from inprocess_grid import InProcessGrid
+
+    from client.app import make_client_app
+    from server.federation import run_federation
+    from server.privacy_audit.canaries import canary_audit
+
+    run_dir = tmp_path_factory.mktemp("canaries") / "run"
+    cfg = RunConfig.from_mapping({
+        "model": "dlib-resnet", "data": str(lfw_root), "cache-dir": str(cache_dir), "run-dir": str(run_dir),
+        "num-rounds": 2, "min-sites": 2, "dp": True, "target-epsilon": 2.0, "target-delta": 1e-5,
+        "accountant": "rdp", "batch-size": 512, "max-identities": 12, "validation-people": 0, "eval-pairs": 10,
+        "round-timeout": 600, "canary-gradients": 300, "canary-inputs": 20, "tracking": "mlflow"})
+    nodes = {101: {"partition-id": 0, "num-partitions": 2}, 102: {"partition-id": 1, "num-partitions": 2}}
+    run_federation(InProcessGrid(make_client_app(), nodes, cfg.to_mapping()), cfg)
+    return run_dir, canary_audit(run_dir)
+
+
+def test_a_canary_run_is_audited_into_privacy_audit_json_the_report_and_mlflow(canary_run):
+    from mlflow import MlflowClient
+
+    from server.privacy_audit.audit_run import load_audit
+    from server.report.render import canary_rows
+    from server.report.sections import RunSection
+
+    run_dir, result = canary_run
+    assert set(result["settings"]) == {"white-box", "black-box"} and result["sites"] == 2
+    white, black = result["settings"]["white-box"], result["settings"]["black-box"]
+    assert white["canaries"] == 600 and black["canaries"] == 40 and white["guesses"] > 0
+    assert 1.0 <= result["accountant_epsilon"] <= 2.0
+    for entry in (white, black):  # a correct implementation: never above the accountant's epsilon
+        assert entry["epsilon_lower_bound"] <= result["accountant_epsilon"] and entry["consistent"]
+        assert entry["epsilon_lower_bound"] <= entry["max_certifiable"] and entry["correct"] <= entry["guesses"]
+    written = load_audit(run_dir)
+    assert written["canaries"]["settings"]["white-box"] == white and written["round"] == 2
+    rows = canary_rows([RunSection(data=SimpleNamespace(name="run"), privacy_audit=written)])["rows"]
+    assert [r[1] for r in rows] == ["white-box", "black-box"] and rows[0][2] == 600
+    info = json.loads((run_dir / "tracking.json").read_text())
+    logged = MlflowClient(tracking_uri=info["tracking_uri"]).get_run(info["run_id"]).data.metrics
+    assert logged["audit/canaries/white-box/epsilon_lower_bound"] == pytest.approx(white["epsilon_lower_bound"])
+    assert logged["audit/canaries/black-box/max_certifiable"] == pytest.approx(black["max_certifiable"])
+
+
+def test_a_site_audits_the_model_it_received_on_its_own_faces(canary_run, lfw_root, cache_dir):
+    from common.audit import verify_log
+    from common.data.sources import site_faces
+    from server.privacy_audit.site_audit import SELF_AUDIT_FILE, SelfAuditError, self_audit
+
+    run_dir, _ = canary_run
+    state = run_dir / "sites" / "site-1"
+    cfg = RunConfig.from_saved(torch.load(state / "received_model.pt", weights_only=True)["config"])
+    result = self_audit(state, faces=site_faces(cfg, 1, 2))
+    assert result["site"] == "site-1" and result["round"] == 2 and result["members"] == result["non_members"] > 0
+    assert set(result["attacks"]) == {"margin", "similarity"} and 0.0 <= result["best_auc"] <= 1.0
+    assert result["epsilon_lower_bound"] <= result["accountant_epsilon"]
+    assert json.loads((state / SELF_AUDIT_FILE).read_text())["best_auc"] == result["best_auc"]
+    log = (state / "audit.jsonl").read_text().splitlines()
+    entry = json.loads(log[-1])
+    assert entry["event"] == "privacy-self-audit" and "scores" not in json.dumps(entry)
+    assert verify_log(state / "audit.jsonl").ok
+    with pytest.raises(SelfAuditError, match="has not trained a round yet"):
+        self_audit(run_dir / "sites" / "nobody", faces=site_faces(cfg, 1, 2))

@@ -233,6 +233,8 @@ def run_summary(section: RunSection) -> dict:
                         for name, a in entry["attacks"].items()}} for model, entry in section.privacy_audit["models"].items()}
     elif section.privacy_audit_note:
         out["privacy_audit_note"] = section.privacy_audit_note
+    if section.privacy_audit is not None and section.privacy_audit.get("canaries"):
+        out["canary_audit"] = section.privacy_audit["canaries"]
     return out
 
 
