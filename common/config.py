@@ -124,7 +124,7 @@ class RunConfig:
     # Canary audit (a simulated run audited in one training run, Steinke et al. 2023; server/privacy_audit/canaries.py)
     canary_gradients: int = 0  # white-box: gradient (Dirac) canaries per site, read off its per-round updates; 0 = none
     canary_inputs: int = 0  # black-box: input canaries per site (mislabelled synthetic faces), scored on the final model
-    canary_norm: float = 10.0  # a canary's raw gradient norm, in units of max-grad-norm (DP-SGD clips it to 1 unit)
+    canary_norm: float = 1000.0  # a canary's raw gradient norm in max-grad-norms: an outlier (DP-SGD clips it to 1)
     canary_seed: int = 1  # seed of the canary plan (which canaries, where, included or not), apart from training's
 
 
