@@ -100,8 +100,8 @@ def test_a_canary_changes_nothing_but_its_own_contribution(dp):
     plan = gradient_canaries(shapes, site_index=0, per_site=50, seed=1)
     norm = 10.0
 
-    def canaries(included):
-        return SiteCanaries(dataclasses.replace(plan, included=included), None, norm, step_generator(1, 0, 1))
+    def canaries(included, raw_norm=norm):
+        return SiteCanaries(dataclasses.replace(plan, included=included), None, raw_norm, step_generator(1, 0, 1))
 
     plain = _train(None, dp, faces)
     none_in = _train(canaries(torch.zeros(50, dtype=torch.bool)), dp, faces)
@@ -120,6 +120,9 @@ def test_a_canary_changes_nothing_but_its_own_contribution(dp):
             assert torch.allclose(diff[plan.index[rows]], -plan.sign[rows] * expected_step, rtol=1e-3, atol=1e-7)
             touched += int(rows.sum())
     assert touched == 50
+    if dp is not None:  # DP-SGD clips a canary like any example: its raw size beyond the bound changes nothing
+        huge = _train(canaries(torch.ones(50, dtype=torch.bool), raw_norm=1000.0), dp, faces)
+        assert all(torch.equal(huge[k], all_in[k]) for k in all_in)
 
 
 # ----------------------------------------------------------------------------------------------- catching broken DP
