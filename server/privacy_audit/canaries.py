@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.atomic import atomic_torch_save, atomic_write_json
+from common.atomic import atomic_torch_save
 from common.canary_plan import canary_coordinates, gradient_canaries, input_canaries, trainable_shapes
 from common.config import RunConfig
 from common.data.sources import site_faces
