@@ -80,6 +80,39 @@ def test_the_plan_is_seeded_and_kept_apart():
         RunConfig(canary_inputs=10, task="vae")
 
 
+def test_the_server_records_every_site_at_every_canary_and_scores_them(tmp_path):
+    """Replies arrive in any order: each round's record holds every site at every site's canaries. Scores: real-data
+    drift shared by the sites and a per-coordinate noise level cancel out, the canaries stand out."""
+    cfg = RunConfig(model="compact", canary_gradients=40, canary_seed=2)
+    recorder = UpdateRecorder(cfg, tmp_path)
+    plans = [gradient_canaries(recorder.shapes, site_index=k, per_site=40, seed=2) for k in range(3)]
+    sent = build_models(cfg).state_dict()
+    rng = torch.Generator().manual_seed(0)
+    flat_sizes = [int(torch.Size(s).numel()) for s in recorder.shapes.values()]
+    level = torch.rand(sum(flat_sizes), generator=rng) * 10 + 0.1  # each coordinate its own noise level
+    for server_round in (1, 2):
+        drift = torch.randn(sum(flat_sizes), generator=rng) * level * 5  # what the real faces do, at every site
+        for k in (2, 0, 1):
+            update = drift + torch.randn(sum(flat_sizes), generator=rng) * level
+            plan = plans[k]
+            starts = torch.tensor([0, *np.cumsum(flat_sizes)[:-1].tolist()])
+            flat = starts[plan.param] + plan.index
+            update[flat] -= plan.sign * plan.included.float() * level[flat] * 4  # a canary moves against its sign
+            parts = torch.split(update, flat_sizes)
+            state = {f"embedding.{n}": sent[f"embedding.{n}"] + p.view(recorder.shapes[n])
+                     for n, p in zip(recorder.names, parts)}
+            recorder(server_round, f"site-{k}", state, sent)
+    saved = torch.load(tmp_path / "canaries" / "updates.pt", weights_only=True)["rounds"]
+    assert all(len(v) == 120 for r in saved.values() for v in r.values()) and set(saved[1]) == {"site-0", "site-1",
+                                                                                              "site-2"}
+    scores = white_box_scores(saved, [p.sign for p in plans])
+    included = torch.cat([p.included for p in plans]).numpy()
+    from server.privacy_audit.rates import roc_auc
+
+    assert roc_auc(scores[included], scores[~included]) >= 0.95 and scores[included].mean() > 4
+    assert abs(float(np.median(scores[~included]))) < 1.0  # the drift and each coordinate's level cancel out
+
+
 def _train(canaries: SiteCanaries | None, dp: DPSettings | None, faces, seed: int = 5):
     torch.manual_seed(0)
     backbone = build_embedding_model("compact", embedding_dim=32, dp=True, image_size=48)

@@ -71,6 +71,7 @@ class UpdateRecorder:
         if self.path.is_file():
             self.records = torch.load(self.path, map_location="cpu", weights_only=True)["rounds"]
         self._coordinates = torch.zeros(0, dtype=torch.long)
+        self._round, self._updates = None, {}  # this round's whole updates, until the round is over
 
     def __call__(self, server_round: int, site: str, state: dict[str, torch.Tensor],
                  sent: dict[str, torch.Tensor]) -> None:
@@ -78,31 +79,58 @@ class UpdateRecorder:
         if index is None:
             log.warning("canary audit: site %r is not a simulated site-N; its update is not recorded.", site)
             return
-        wanted = (index + 1) * self.per_site
+        if server_round != self._round:
+            self._round, self._updates = server_round, {}
+        self._updates[site] = torch.cat([(state[EMBEDDING_PREFIX + n].double() - sent[EMBEDDING_PREFIX + n].double())
+                                         .reshape(-1) for n in self.names]).float()
+        # Every site of the round at the coordinates of every site seen so far in it (replies come in any order).
+        wanted = (max(map(_site_index, self._updates)) + 1) * self.per_site
         if len(self._coordinates) < wanted:
             self._coordinates = canary_coordinates(self.shapes, wanted, self.seed)
-        update = torch.cat([(state[EMBEDDING_PREFIX + n].double() - sent[EMBEDDING_PREFIX + n].double()).reshape(-1)
-                            for n in self.names])
-        self.records.setdefault(int(server_round), {})[site] = update[self._coordinates].float()
+        self.records[int(server_round)] = {name: update[self._coordinates] for name, update in self._updates.items()}
         atomic_torch_save(self.path, {"per_site": self.per_site, "rounds": self.records}, durable=False)
 
 
 def white_box_scores(records: dict[int, dict[str, torch.Tensor]], signs: list[torch.Tensor]) -> np.ndarray:
-    """One score per gradient canary (site by site, in plan order) from the recorded updates (see the module
-    docstring): higher means more likely included."""
+    """One score per gradient canary (site by site, in plan order) from the recorded updates: higher means more
+    likely included.
+
+    For site k's canary at coordinate j, in round r: D = its update at j less the mean of the other sites' updates at j
+    (their canaries sit elsewhere, so that mean estimates what the real faces did there). Its noise differs from one
+    coordinate to the next (a projection's coordinate moves with its input feature's size) and from round to round
+    (the learning rate), so D is divided by ``a_r * b_j``: ``a_r`` the round's median spread of the other sites'
+    updates, ``b_j`` the coordinate's own spread relative to it, pooled over the rounds (and shrunk towards 1 by two
+    pseudo-observations). The score is minus the canary's sign times the sum of these over rounds. With a single site
+    there are no others: D is the update itself and the round's robust spread over the canaries scales it."""
     m = len(signs[0]) if signs else 0
     scores = np.zeros(len(signs) * m)
-    for sites in records.values():
-        for k, sign in enumerate(signs):
-            own = sites.get(f"site-{k}")
-            low, high = k * m, (k + 1) * m
+    for k, sign in enumerate(signs):
+        low, high, name = k * m, (k + 1) * m, f"site-{k}"
+        diffs, scales = [], []  # per round: D [m]; the others' sample variance [m] and their count
+        for sites in records.values():
+            own = sites.get(name)
             if own is None or len(own) < high:
                 continue
-            others = [v[low:high].double() for name, v in sites.items() if name != f"site-{k}" and len(v) >= high]
-            diff = own[low:high].double() - (torch.stack(others).mean(0) if others else 0.0)
-            spread = 1.4826 * float((diff - diff.median()).abs().median())
-            spread = spread if spread > 0 else float(diff.std()) or 1.0
-            scores[low:high] += (-sign.double() * diff / spread).numpy()
+            rows = [v[low:high].double() for s, v in sites.items() if s != name and len(v) >= high]
+            others = torch.stack(rows) if rows else None
+            if others is None or len(others) < 2:
+                diff = own[low:high].double() - (others.mean(0) if others is not None else 0.0)
+                spread = 1.4826 * float((diff - diff.median()).abs().median())
+                diffs.append(diff / (spread if spread > 0 else float(diff.std()) or 1.0))
+                scales.append(None)
+                continue
+            diff = own[low:high].double() - others.mean(0)
+            variance = others.var(0) * (1 + 1 / len(others))  # the variance D would have without a canary
+            diffs.append(diff)
+            scales.append((variance, len(others) - 1))
+        pooled = [(v / float(v.median().clamp_min(1e-300)), dof) for v, dof in (x for x in scales if x is not None)]
+        if pooled:
+            weight = sum(dof for _, dof in pooled)
+            b2 = (sum(rel * dof for rel, dof in pooled) + 2.0) / (weight + 2.0)  # [m], shrunk towards 1
+        for diff, scale in zip(diffs, scales):
+            if scale is not None:
+                diff = diff / (float(scale[0].median().clamp_min(1e-300)).__pow__(0.5) * b2.sqrt())
+            scores[low:high] += (-sign.double() * diff).numpy()
     return scores
 
 
