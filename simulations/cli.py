@@ -187,7 +187,7 @@ def _write_report(run_dirs: list, *, out: Optional[str] = None, summary: Optiona
             from common.audit import AuditLog
 
             audit = AuditLog(Path(run_dirs[0]) / "audit.jsonl", actor="report")
-        return build_gate(site="report", log=log, audit=audit, **options)
+        return build_gate(site="report", log=log, audit=audit, gallery_rule="any", blank=False, **options)
 
     factory = make_gate if images else None
 
@@ -608,36 +608,59 @@ def anonymize(
     check_inputs: bool = typer.Option(True, "--check-inputs/--no-check-inputs",
                                       help="With --verify, also check every face against all the input photos (other "
                                       "photos of the same people are often among them)."),
+    workers: int = typer.Option(0, help="Worker processes (0: every core; 1: this process only)."),
 ) -> None:
-    """Stylize every face in photos so they can be shared; reports faces found and re-identification scores."""
+    """Stylize every face in photos so they can be shared; reports faces found and re-identification scores.
+
+    With --verify (default) a face is withheld when dlib still matches it to its original, or to another photo of
+    the same person among the inputs and --gallery (README, "Anonymize photos": the gate's rule)."""
+    import functools
+
     from client.photos import anonymize_files, summary_line
-    from common.anonymization.egress import EgressGate
-    from server.stylizers import build_anonymizer, default_recognizer
+    from common.worker_pool import available_cores
+    from server.stylizers import default_recognizer, photo_pipeline
 
     _setup_logging(False)
+    if workers < 0:
+        raise typer.BadParameter(f"--workers must be 0 (every core) or more; got {workers}.")
     log = lambda m: console.print(m, markup=False, highlight=False)  # noqa: E731
-    anonymizer = build_anonymizer(method=method, style=style, strength=strength, no_face=no_face, width=width,
-                                  styles_dir=styles_dir, data=data or _default_lfw(), stylizer=stylizer,
-                                  stylizer_sha256=sha256, log=log)
-    recognizer = default_recognizer(log) if verify else None
-    gate = EgressGate(anonymizer, recognizer, site="this device") if recognizer is not None and no_face != "pass" \
-        else None
+    options = dict(method=method, style=style, strength=strength, no_face=no_face, width=width, styles_dir=styles_dir,
+                   data=data or _default_lfw(), stylizer=stylizer, stylizer_sha256=sha256)
+    verify = verify and no_face != "pass" and default_recognizer(log) is not None
+    # Built here first: a bad option fails before any work, and a stylizer that must be trained is trained (and
+    # cached) once, not by every worker.
+    anonymizer, gate = photo_pipeline(verify=verify, log=log, **options)
     if gate is not None and (gallery or check_inputs):
-        from client.photos import collect_inputs, read_image
-
-        files = [src for src, _ in collect_inputs(list(gallery) + (list(paths) if check_inputs else []))[0]]
-        added = gate.add_to_gallery(img for img in (read_image(f) for f in files) if img is not None)
-        log(f"checking every face against {added} faces in {len(files)} photos (the inputs and --gallery)")
+        log(f"checking every face against the faces of {'the inputs' if check_inputs else ''}"
+            f"{' and ' if check_inputs and gallery else ''}{'--gallery' if gallery else ''} "
+            "(withheld: a match to the same person)")
 
     def report(o) -> None:
-        faces = ", ".join(f"score {f['score']:.2f}" + (f" dlib distance {f['reid_distance']:.2f}"
-                                                      if f.get("reid_distance") is not None else "")
-                          for f in o.faces)
-        where = f" -> {o.output}" if o.output else ""
-        log(f"{o.status:11s} {o.source}{where}: {o.message}" + (f" [{faces}]" if faces else ""))
+        if o.status in ("anonymized", "whole-image"):
+            return  # the progress bar counts them; every file is in the report
+        where = f" (matched {o.matched}, distance {o.distance:.3f})" if o.matched else ""
+        log(f"{o.status:11s} {o.source}: {o.message}{where}")
 
-    summary = anonymize_files(paths, out, anonymizer=anonymizer, gate=gate, report=report)
-    console.print(summary_line(summary) + f"; report in {Path(out) / 'anonymize-report.json'}")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    stages = {"describe": "Describing faces (gallery)", "anonymize": "Anonymizing"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stages.get(stage, stage), total=total)
+            bar.update(tasks[stage], completed=done)
+
+        summary = anonymize_files(paths, out, anonymizer=anonymizer, gate=gate, gallery=list(gallery),
+                                  check_inputs=check_inputs, workers=workers or available_cores(),
+                                  build=functools.partial(photo_pipeline, verify=verify, **options), verify=verify,
+                                  report=report, progress=progress)
+    console.print(summary_line(summary) + f" in {summary['seconds']:.0f} s ({summary['workers']} "
+                  f"worker{'s' if summary['workers'] != 1 else ''}); report in {Path(out) / 'anonymize-report.json'}",
+                  markup=False, highlight=False, soft_wrap=True)
     if summary["errors"] or summary["refused"]:
         raise typer.Exit(1)
 
@@ -773,14 +796,30 @@ def bench_anonymize(
     heldout_people: int = typer.Option(150, help="LFW test people after the first --people, measured apart as "
                                        "photos no stylizer saw (0: none; ../shared/data/faces is measured too)."),
     out: str = typer.Option("runs/bench-anonymize", help="Folder for the JSON summary."),
+    transforms: bool = typer.Option(True, "--transforms/--no-transforms",
+                                    help="The stylizer, blur and pixelation rows and the speed table."),
+    folders: str = typer.Option("150,heldout-150,1000,multi",
+                                help="Folder rows: `facefl anonymize` with its defaults on folders of LFW people "
+                                "(150, heldout-150, 1000, multi: 2-4 photos per person; empty: none)."),
+    workers: int = typer.Option(0, help="Worker processes for the folder rows (0: every core, as the command)."),
 ) -> None:
-    """Re-identification (dlib), detection and landmark retention, and speed: style transfer vs blur/pixelation."""
+    """Re-identification (dlib), detection and landmark retention, and speed: style transfer vs blur/pixelation,
+    and `facefl anonymize` itself on folders of many people."""
+    from simulations.bench_folders import FOLDER_PARTS, run_folder_bench
     from simulations.bench_style import run_style_bench
 
     _setup_logging(False)
-    run_style_bench(data=data, people=people, style=style,
-                    strengths=[float(s) for s in strengths.split(",") if s.strip()], gatys_people=gatys_people,
-                    stylizers=stylizer, heldout_people=heldout_people, out=Path(out), console=Console(width=170))
+    parts = [p.strip() for p in folders.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in FOLDER_PARTS]
+    if unknown:
+        raise typer.BadParameter(f"Unknown folder rows {', '.join(unknown)}; use {', '.join(FOLDER_PARTS)}.")
+    wide = Console(width=170)
+    if transforms:
+        run_style_bench(data=data, people=people, style=style,
+                        strengths=[float(s) for s in strengths.split(",") if s.strip()], gatys_people=gatys_people,
+                        stylizers=stylizer, heldout_people=heldout_people, out=Path(out), console=wide)
+    if parts:
+        run_folder_bench(data=data, out=Path(out), console=wide, parts=parts, workers=workers)
 
 
 @app.command()
@@ -816,8 +855,9 @@ def morph(
         read_photo(path)  # fail on a bad photo before a stylizer is loaded or trained
     gate = None
     if anonymize:
-        gate = build_gate(site="this device", log=log, method=method, style=style, strength=strength,
-                          stylizer=stylizer, stylizer_sha256=sha256, data=_default_lfw())
+        # Frames are generated, not photos: any frame that matches either person's photo is withheld.
+        gate = build_gate(site="this device", log=log, gallery_rule="any", blank=False, method=method, style=style,
+                          strength=strength, stylizer=stylizer, stylizer_sha256=sha256, data=_default_lfw())
         gate.add_to_gallery([read_photo(image_a), read_photo(image_b)])  # a frame must not match either person
     result = morph_images(image_a, image_b, run_dir=run, steps=steps, mode=mode, out=out, gate=gate, size=size,
                           frame_ms=frame_ms, pingpong=pingpong)

@@ -118,11 +118,21 @@ def test_grayscale_tiny_and_huge_images(anonymizer, faces_dir):
 def test_gate_releases_anonymized_and_refuses_recognizable(faces_dir, detector, recognizer):
     img = _open(faces_dir / "brad_pitt.jpg")
     # A barely-there blur leaves the person recognizable: refused, counted, not returned.
-    weak = EgressGate(Anonymizer(BlurFilter(0.004), detector=detector, strength=1.0), recognizer, site="a")
-    with pytest.raises(EgressRefused, match="still matches"):
+    # (Every attempt, the second pass included, leaves it matched; without blanking it is withheld.)
+    weak = EgressGate(Anonymizer(BlurFilter(0.004), detector=detector, strength=1.0), recognizer, site="a",
+                      blank=False)
+    with pytest.raises(EgressRefused, match="still matches") as refused:
         weak.release(img, purpose="test")
-    assert weak.counts == {"released": 0, "refused": 1, "faces": 0}
+    assert refused.value.refusal.reason == "source-match" and refused.value.refusal.distance < 0.6
+    assert weak.counts == {"released": 0, "refused": 1, "faces": 0, "retried": 1}
     assert weak.events[-1]["released"] is False and weak.events[-1]["reid"][0] < DlibRecognizer.THRESHOLD
+    # With blanking (the default), the face every attempt left recognisable is blanked: the image leaves without it.
+    blanking = EgressGate(Anonymizer(BlurFilter(0.004), detector=detector, strength=1.0), recognizer, site="a")
+    blanked = blanking.release(img, purpose="test")
+    assert blanked.attempt == "blanked" and "blanked" in blanked.result.message
+    box = [int(v) for v in blanked.result.faces[0].box]
+    face = np.asarray(blanked.pixels, np.float32)[box[1] + 10:box[3] - 10, box[0] + 10:box[2] - 10]
+    assert face.std(axis=(0, 1)).max() < 3.0  # one flat colour where the face was
     # Coarse pixelation of the face region is no longer matched: released with a valid seal.
     strong = EgressGate(Anonymizer(PixelateFilter(5), detector=detector), recognizer, site="a")
     released = strong.release(img, purpose="test")

@@ -136,25 +136,3 @@ def test_prior_hides_identity_and_keeps_the_face(shipped, lfw_root):
     assert after <= 1, f"the prior should hide identity from dlib ({after}/12 still matched)"
     assert found == len(people), f"MTCNN should still find every painted face ({found}/{len(people)})"
     assert float(np.median(shifts)) < 0.08, f"landmarks moved {np.median(shifts):.3f} x IOD"
-
-
-def test_gate_checks_other_photos_of_the_person(lfw_root):
-    from common.anonymization.anonymizer import Anonymizer
-    from common.anonymization.egress import EgressGate
-    from common.anonymization.recognizer import DlibRecognizer
-    from common.anonymization.reid import lfw_test_people, open_people
-
-    class Unchanged:
-        name = "unchanged"
-
-        def __call__(self, region):
-            return region
-
-    (_, image1, image2), (_, other, _) = open_people(lfw_test_people(lfw_root, 2, skip=220))
-    gate = EgressGate(Anonymizer(Unchanged()), DlibRecognizer())
-    assert gate.gallery_size == 0
-    assert gate.add_to_gallery([other]) == 1
-    assert gate._gallery_match(gate.anonymizer(image1)) is None  # another person's photo: no match
-    assert gate.add_to_gallery([image2]) == 1
-    hit = gate._gallery_match(gate.anonymizer(image1))
-    assert hit is not None and hit < DlibRecognizer.THRESHOLD

@@ -227,7 +227,7 @@ def test_withheld_frames_become_placeholders(shared_data):
     from server.morph import MorphError, release_frames
 
     gate = EgressGate(Anonymizer(BlurFilter(0.004), detector=FaceAligner(min_score=0.6)), DlibRecognizer(),
-                      site="test", escalate_to=0.0)
+                      site="test", escalate_to=0.0, blank=False)
     face = upscale(Image.open(shared_data / "faces" / "brad_pitt.jpg"), 256)
     no_face = upscale(Image.open(shared_data / "faces" / "no_face_chicago.jpg"), 256)
     frames, released, withheld = release_frames([face, no_face, face], [0.0, 0.5, 1.0], gate)

@@ -61,6 +61,7 @@ class FaceRecord:
     reid_distance: float | None = None
     matched: bool | None = None
     descriptor: np.ndarray | None = field(default=None, repr=False, compare=False)  # the anonymized face's, if scored
+    source_descriptor: np.ndarray | None = field(default=None, repr=False, compare=False)  # the original face's
 
     def to_dict(self) -> dict:
         return {"box": [round(float(v), 1) for v in self.box], "score": round(float(self.score), 4),
@@ -106,6 +107,21 @@ class AnonymizationResult:
 
     def to_dict(self) -> dict:
         return {"action": self.action, "message": self.message, "faces": [f.to_dict() for f in self.faces]}
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The faces found in one photo, computed once and reused (``facefl anonymize`` describes every input before it
+    anonymizes any, for the gallery): MTCNN's ``boxes`` float ``[F, 4]``, ``scores`` ``[F]``, ``landmarks``
+    ``[F, 5, 2]``, and, when a recognizer described them, each face's descriptor (None where it could not)."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    landmarks: np.ndarray
+    descriptors: tuple = ()
+
+    def __len__(self) -> int:
+        return len(self.scores)
 
 
 # ----------------------------------------------------------------------------------------------- region filters
@@ -329,15 +345,36 @@ class Anonymizer:
     def detect(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.detector.detect(img)
 
-    def __call__(self, img: Image.Image, *, strength: float | None = None) -> AnonymizationResult:
-        """Anonymize one image (any PIL mode; grayscale stays grayscale). ``strength`` overrides the default."""
+    def describe(self, img: Image.Image) -> Detection:
+        """Detect the faces of ``img`` and, with a recognizer, describe each (see :class:`Detection`)."""
+        rgb = to_rgb(img)
+        boxes, scores, points = self.detect(rgb)
+        descriptors = ()
+        if self.recognizer is not None and len(scores):
+            arr = np.asarray(rgb, dtype=np.uint8)
+            descriptors = tuple(self.recognizer.describe(arr, box) for box in boxes)
+        return Detection(boxes, scores, points, descriptors)
+
+    def __call__(self, img: Image.Image, *, strength: float | None = None, faces: Detection | None = None,
+                 passes: int = 1) -> AnonymizationResult:
+        """Anonymize one image (any PIL mode; grayscale stays grayscale). ``strength`` overrides the default.
+
+        ``faces``: the image's faces when they are already known (:meth:`describe`), so they are not detected and
+        described again. ``passes``: how many times each face region is painted over (the face prior and the
+        filter); a second pass, over the first one's output at the same faces, moves a face that still resembles
+        its person further away (the egress gate's retry)."""
         strength = float(self.strength if strength is None else strength)
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength!r}.")
+        if not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"passes must be a positive integer, got {passes!r}.")
         grayscale = img.mode in ("L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1")
         rgb = to_rgb(img)
         self._stats["images"] += 1
-        boxes, scores, points = self.detect(rgb)
+        if faces is None:
+            boxes, scores, points = self.detect(rgb)
+        else:
+            boxes, scores, points = faces.boxes, faces.scores, faces.landmarks
         original = pil_to_tensor(rgb)
         if len(scores) == 0:
             self._stats["no-face"] += 1
@@ -351,20 +388,23 @@ class Anonymizer:
             out = original + strength * (whole(original) - original)
             return AnonymizationResult(_restore_mode(tensor_to_pil(out), grayscale), (), "whole-image",
                                        "no face found; the whole image was stylized (fail closed)")
-        out = original.clone()
+        out = original
         h, w = original.shape[-2:]
         regions = [face_region(b, w, h, self.margin) for b in boxes]
-        source = self.face_prior(original, points) if self.face_prior is not None else original
-        crops = [source[:, y0:y1, x0:x1] for (x0, y0, x1, y1) in regions]
+        masks = [feathered_mask(region, box, margin=self.margin, feather=self.feather) * strength
+                 for region, box in zip(regions, boxes)]
         batch = getattr(self.region_filter, "batch", None)
-        filtered = batch(crops) if batch is not None else [self.region_filter(c) for c in crops]
-        for region, box, crop, new in zip(regions, boxes, crops, filtered):
-            x0, y0, x1, y1 = region
-            mask = feathered_mask(region, box, margin=self.margin, feather=self.feather) * strength
-            current = out[:, y0:y1, x0:x1]
-            out[:, y0:y1, x0:x1] = current + mask * (new - current)
+        for _ in range(passes):
+            source = self.face_prior(out, points) if self.face_prior is not None else out
+            crops = [source[:, y0:y1, x0:x1] for (x0, y0, x1, y1) in regions]
+            filtered = batch(crops) if batch is not None else [self.region_filter(c) for c in crops]
+            out = out.clone()
+            for (x0, y0, x1, y1), mask, new in zip(regions, masks, filtered):
+                current = out[:, y0:y1, x0:x1]
+                out[:, y0:y1, x0:x1] = current + mask * (new - current)
         result_rgb = tensor_to_pil(out)
-        records = self._records(rgb, result_rgb, boxes, scores, points)
+        known = faces.descriptors if faces is not None and len(faces.descriptors) == len(scores) else None
+        records = self._records(rgb, result_rgb, boxes, scores, points, known)
         self._stats["faces"] += len(records)
         n = len(records)
         message = f"{n} face{'s' if n != 1 else ''} anonymized"
@@ -374,22 +414,29 @@ class Anonymizer:
                 f"; none matched by {self.recognizer.name}"
         return AnonymizationResult(_restore_mode(result_rgb, grayscale), records, "faces", message)
 
-    def _records(self, original: Image.Image, anonymized: Image.Image, boxes, scores, points) -> tuple[FaceRecord, ...]:
+    def score(self, original: Image.Image, anonymized: Image.Image, faces: Detection) -> tuple[FaceRecord, ...]:
+        """The records of ``faces`` (of ``original``) in ``anonymized``: with a recognizer, each face's distance to
+        its original (from ``faces.descriptors`` when they are given)."""
+        known = faces.descriptors if len(faces.descriptors) == len(faces) else None
+        return self._records(to_rgb(original), to_rgb(anonymized), faces.boxes, faces.scores, faces.landmarks, known)
+
+    def _records(self, original: Image.Image, anonymized: Image.Image, boxes, scores, points,
+                 known=None) -> tuple[FaceRecord, ...]:
         records = []
         orig_arr = anon_arr = None
         if self.recognizer is not None:
             orig_arr = np.asarray(original, dtype=np.uint8)
             anon_arr = np.asarray(anonymized, dtype=np.uint8)
-        for box, score, lm in zip(boxes, scores, points):
-            dist = matched = b = None
+        for i, (box, score, lm) in enumerate(zip(boxes, scores, points)):
+            dist = matched = a = b = None
             if self.recognizer is not None:
-                a = self.recognizer.describe(orig_arr, box)
+                a = known[i] if known is not None else self.recognizer.describe(orig_arr, box)
                 b = self.recognizer.describe(anon_arr, box)
                 if a is not None and b is not None:
                     dist = float(self.recognizer.distance(a, b))
                     matched = dist < float(self.recognizer.THRESHOLD)
             records.append(FaceRecord(tuple(float(v) for v in box), float(score), np.asarray(lm, np.float32),
-                                      dist, matched, b))
+                                      dist, matched, b, a))
         return tuple(records)
 
 

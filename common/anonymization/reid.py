@@ -273,6 +273,13 @@ class ReidBench:
         )
 
 
+    def measure_released(self, released, name: str) -> ReidReport:
+        """:meth:`measure` for images anonymized elsewhere (``facefl anonymize``'s written files): ``released`` maps
+        each person's name to their anonymized image 1, or None when it was withheld (counted as refused)."""
+        images = iter([released.get(o.name) for o in self._originals])
+        return self.measure(lambda _: next(images), name)
+
+
 class HogDetector:
     """dlib's HOG + linear SVM frontal face detector (``dlib.get_frontal_face_detector``, from the installed
     package): a second detector, independent of MTCNN, for "is the face still there".

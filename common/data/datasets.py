@@ -21,13 +21,10 @@ import logging
 import math
 import multiprocessing
 import os
-import signal
-import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +40,7 @@ from common.data.dlib_chips import CHIP_PADDING, DlibChipper
 from common.data.faceset import FaceSet
 from common.data.preprocess import LFW_CROP_FRACTION, FaceAligner, center_crop_face
 from common.weights import default_cache_dir
+from common.worker_pool import available_cores, start_pool, stop_pool
 
 logger = logging.getLogger("facefl.data")
 
@@ -66,11 +64,6 @@ PREP_WORKERS_ENV = "FACEFL_PREP_WORKERS"
 # alignments, ~9000 centre crops.
 PHOTO_SECONDS = {"crop": 0.001, "dlib": 0.035, "detect": 0.12}
 POOL_START_SECONDS = 3.0
-# Workers are forked from multiprocessing's fork server, a fresh single-threaded interpreter that imports this module
-# (and torch) once: forking this process itself, which has imported torch and may run its threads, is unsafe, and
-# "spawn" imports torch again in every worker of every pool. Time to a 2-worker pool's first dlib chips on 2 quiet
-# cores: "spawn" 2.4 s every time (+0.7 s to shut down), "forkserver" 2.7 s for the first pool, then 0.55 s.
-PREP_START_METHOD = "forkserver"
 
 _DATA_HINT = "pass --data an identity-folder dataset such as LFW, or omit it for the synthetic smoke-test set"
 
@@ -479,31 +472,7 @@ def _default_workers() -> int:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"{PREP_WORKERS_ENV} must be a positive integer (1 = no worker processes), got {env!r}.")
         return int(env)
-    if multiprocessing.current_process().daemon:
-        return 1
-    held = _ray_cpus()
-    if held is not None:
-        return held
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _ray_cpus() -> int | None:
-    """The CPUs a Ray task or actor running this code holds (at least 1); None outside Ray's workers."""
-    ray = sys.modules.get("ray")
-    if ray is None:
-        return None
-    try:
-        if not ray.is_initialized():
-            return None
-        context = ray.get_runtime_context()
-        if context.worker.mode != ray.WORKER_MODE:  # the driver: every core is its own
-            return None
-        return max(1, int(context.get_assigned_resources().get("CPU", 1)))
-    except Exception:  # noqa: BLE001  (an unexpected Ray version: be conservative)
-        return 1
+    return available_cores()
 
 
 def _resolve_workers(workers: int | None) -> int:
@@ -519,38 +488,6 @@ def _resolve_workers(workers: int | None) -> int:
 
 # The detector of a worker process, built on its first chunk and kept for the next ones.
 _WORKER_DETECTORS: dict[tuple, Callable] = {}
-
-
-def _pool_context():
-    context = multiprocessing.get_context(PREP_START_METHOD)
-    if PREP_START_METHOD == "forkserver":  # no effect once this process's fork server runs
-        context.set_forkserver_preload(["__main__", __name__])
-    return context
-
-
-def _worker_init(parent_pid: int, environ: dict[str, str]) -> None:
-    """Start a worker: the parent's environment of now (the fork server holds the one it started with), one thread
-    for torch, Ctrl-C left to the parent, exit when the parent is gone."""
-    os.environ.clear()
-    os.environ.update(environ)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent cancels the work and stops the workers
-    torch.set_num_threads(1)
-    threading.Thread(target=_exit_with_parent, args=(parent_pid, os.getppid()), daemon=True,
-                     name="facefl-parent-watch").start()
-
-
-def _exit_with_parent(parent_pid: int, ppid: int) -> None:
-    """A killed parent (SIGKILL, SIGTERM) cannot stop its workers: they stop themselves once it is gone."""
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != ppid:
-            os._exit(1)
-        try:
-            os.kill(parent_pid, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except OSError:
-            pass
 
 
 def _worker_detector(mode: str, image_size: int, root: Path) -> Callable:
@@ -586,20 +523,6 @@ def _merge_chunks(parts: list[tuple[np.ndarray, list[str], dict[str, int]]], ima
     return _Faces(images, paths, dict(skipped))
 
 
-def _stop_pool(executor: ProcessPoolExecutor) -> None:
-    """Cancel the pending tasks and end the workers now (tasks in flight are abandoned), leaving no process behind."""
-    processes = list((getattr(executor, "_processes", None) or {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for proc in processes:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in processes:
-        proc.join(timeout=5.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5.0)
-
-
 def _compute_in_pool(root: Path, todo: list[tuple[str, _Scan]], mode: str, image_size: int, workers: int,
                      done: Callable[[str, _Faces], None], advance: Callable[[int], None]) -> int:
     """Compute the faces of ``todo`` in ``workers`` processes; ``done(name, faces)`` is called (in this process) as
@@ -620,8 +543,7 @@ def _compute_in_pool(root: Path, todo: list[tuple[str, _Scan]], mode: str, image
             done(name, _merge_chunks([], image_size))
     remaining = {name: len(chunks) for name, chunks in parts.items()}
     workers = max(1, min(workers, len(tasks)))
-    executor = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_worker_init,
-                                   initargs=(os.getpid(), dict(os.environ)))
+    executor = start_pool(workers, preload=[__name__])
     try:
         try:  # the workers start here
             pending: dict[Future, tuple[str, int, int]] = {
@@ -657,7 +579,7 @@ def _compute_in_pool(root: Path, todo: list[tuple[str, _Scan]], mode: str, image
                     done(name, _merge_chunks(parts.pop(name), image_size))
                 advance(count)
     except BaseException:  # a failure, Ctrl-C (KeyboardInterrupt) or a cache-write error: stop the workers now
-        _stop_pool(executor)
+        stop_pool(executor)
         raise
     executor.shutdown(wait=True)
     return workers
