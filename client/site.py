@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from client import dp_faults
+from client.canaries import planned_canaries
 from client.privacy import PrivacyLedger, newest
 from client.train import DPSettings, evaluate_identification, evaluate_vae, steps_per_epoch, train_embedding, train_vae
 from common.atomic import atomic_torch_save
@@ -46,6 +48,7 @@ HEAD_FILE = "margin_head.pt"
 AUDIT_FILE = "audit.jsonl"
 DISCRIMINATOR_FILE = "discriminator.pt"
 OPTIMIZER_FILE = "optimizer.pt"  # the embedding optimizer's momenta, kept between rounds like the margin head
+RECEIVED_FILE = "received_model.pt"  # the global model of the site's latest round, for `facefl audit site`
 FEATURES_DIR = "features"  # in the face cache: a frozen pretrained trunk's outputs for the faces (client.train)
 
 
@@ -164,6 +167,9 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
                     "sample-rate": 1.0 / steps_per_epoch(len(train), cfg.batch_size)})
     metrics.update(skipped_counts(train))
 
+    fault = dp_faults.fault_for(site.name)  # None, except in the tests that break DP on purpose
+    atomic_torch_save(site.state_dir / RECEIVED_FILE, {"round": server_round, "config": cfg.to_mapping(),
+                                                       "state_dict": global_state}, durable=False)
     dp = None
     if cfg.dp:
         ledger = state.ledger or PrivacyLedger.create(site=site.name, target_epsilon=cfg.target_epsilon,
@@ -171,7 +177,7 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
                                                       num_examples=len(train))
         state.ledger = ledger
         steps = cfg.local_epochs * steps_per_epoch(len(train), cfg.batch_size)
-        q = 1.0 / steps_per_epoch(len(train), cfg.batch_size)
+        q = dp_faults.accounted_sample_rate(fault, 1.0 / steps_per_epoch(len(train), cfg.batch_size))
         mechanisms_per_round = int(cfg.trains_embedding) + int(cfg.trains_vae) * (1 + int(cfg.vae_adversarial))
         sigma = ledger.plan_noise(sample_rate=q, steps_per_round=steps * mechanisms_per_round,
                                   budget_rounds=cfg.budget_rounds)
@@ -200,9 +206,11 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
         head = MarginHead(cfg.embedding_dim, train.num_identities)
         if state.head is not None and state.head.get("weight", torch.empty(0)).shape == head.weight.shape:
             head.load_state_dict(state.head)
+        canaries = (planned_canaries(cfg, site.index, server_round, train.num_identities, models.embedding)
+                    if site.index is not None else None)
         res = train_embedding(models.embedding, head, train, dp=dp, seed=seed, optimizer_state=state.optimizer,
                               proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
-                              **embedding_settings(cfg, server_round))
+                              canaries=canaries, broken_dp=fault, **embedding_settings(cfg, server_round))
         metrics["fit-seconds"] += time.perf_counter() - fit_start
         mechanisms += res.mechanisms
         state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -233,6 +241,8 @@ def run_round(cfg: RunConfig, site: Site, global_state: dict[str, torch.Tensor],
         metrics["vae-val-loss"] = evaluate_vae(models.vae, val, beta=cfg.vae_beta, recon=cfg.vae_recon)["val-loss"]
 
     if state.ledger is not None:
+        if fault is not None:
+            mechanisms = [(s, dp_faults.accounted_sample_rate(fault, q), n) for s, q, n in mechanisms]
         metrics["epsilon"] = state.ledger.record_round(server_round, mechanisms)
         state.ledger.save(site.state_dir)
     if state.head is not None:

@@ -22,6 +22,8 @@ from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client import dp_faults
+from client.canaries import CanaryInjector, SiteCanaries
 from client.ghost_clipping import clipped_gradient_sum, closed_form_supported
 from common.atomic import atomic_torch_save
 from common.data.augment import AugmentConfig, augment_faces
@@ -61,9 +63,10 @@ def _batches(loader, epochs: int):
                 yield epoch, batch
 
 
-def _empty_batch_step(optimizer, dp: DPSettings | None) -> None:
+def _empty_batch_step(optimizer, dp: DPSettings | None, before_step: Callable[[], None] | None = None) -> None:
     """Poisson sampling can draw an empty batch. DP-SGD must still release a noised (zero) gradient then:
-    skipping the step would reveal that no example was sampled, which the accounting does not allow for."""
+    skipping the step would reveal that no example was sampled, which the accounting does not allow for.
+    ``before_step`` (the canary audit's gradient canaries) adds to the zero gradient before the step."""
     optimizer.zero_grad(set_to_none=True)
     if dp is None:
         return
@@ -72,6 +75,8 @@ def _empty_batch_step(optimizer, dp: DPSettings | None) -> None:
             p.grad = torch.zeros_like(p)
         else:
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    if before_step is not None:
+        before_step()
     optimizer.step()
 
 
@@ -204,7 +209,7 @@ def _privatize(model, optimizer, loader, dp: DPSettings, generator: torch.Genera
 
 
 def _privatize_embedding(model: nn.Module, optimizer, loader, dp: DPSettings, generator: torch.Generator,
-                         criterion: nn.Module, *, closed_form: bool):
+                         criterion: nn.Module, *, closed_form: bool, broken_dp: str | None = None):
     """(model, optimizer, loader, criterion) for DP-SGD training of an embedding with its margin head, clipped
     without per-sample gradients (a margin head of C identities would cost a [B, C, D] tensor per step).
 
@@ -214,17 +219,19 @@ def _privatize_embedding(model: nn.Module, optimizer, loader, dp: DPSettings, ge
     norms from activations and backprops (the margin head's in closed form, see
     ``common.models.losses._margin_head_norm_sample``) and a second, reweighted backward pass inside
     ``criterion(cosine, labels).backward()``."""
+    noise = dp_faults.training_noise(broken_dp, dp.noise_multiplier)  # dp.noise_multiplier unless a test breaks it
     if not closed_form:
         engine = PrivacyEngine(accountant="rdp")  # its own accountant is unused: the site's ledger accounts.
         with quiet_opacus():
             model, optimizer, criterion, loader = engine.make_private(
                 module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
+                noise_multiplier=noise, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,
                 noise_generator=generator, grad_sample_mode="ghost")
+        model.max_grad_norm = dp_faults.clipping_bound(broken_dp, dp.max_grad_norm)  # the bound the clipping uses
         return model, optimizer, loader, criterion
     sample_rate = 1 / len(loader)
     optimizer = DPOptimizerFastGradientClipping(
-        optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+        optimizer, noise_multiplier=noise, max_grad_norm=dp.max_grad_norm,
         expected_batch_size=int(len(loader.dataset) * sample_rate), loss_reduction="mean", generator=generator)
     return model, optimizer, DPDataLoader.from_data_loader(loader), criterion
 
@@ -260,6 +267,8 @@ def train_embedding(
     backbone_lr: float | None = None,
     optimizer: str = "sgd",
     optimizer_state: dict[str, torch.Tensor] | None = None,
+    canaries: SiteCanaries | None = None,
+    broken_dp: str | None = None,
 ) -> LocalResult:
     """Train ``backbone`` (federated) and ``head`` (site-private identity prototypes) on ``faces``.
 
@@ -278,19 +287,29 @@ def train_embedding(
     the parameters, and starts afresh otherwise: a site keeps it between rounds, private like its margin head (under
     DP it is computed from the noised gradients only). In one in-process 4-site simulation from scratch, keeping it
     gave 0.791 View-1 accuracy where restarting AdamW every round had given 0.759; single runs vary by 2-3 points.
+
+    ``canaries`` (a simulated canary audit only) inserts the site's planned canaries as :mod:`client.canaries` says.
+    ``broken_dp`` is for tests only (:mod:`client.dp_faults`): None in every run facefl's commands start.
     """
     if dp is not None and loss == "triplet":
         raise ValueError("Triplet loss couples the samples of a batch; it cannot be trained with DP-SGD.")
+    if canaries is not None and loss == "triplet":
+        raise ValueError("Canaries need a per-sample loss (arcface or cosface), not triplet.")
     gen = torch.Generator().manual_seed(seed)
     anchor = {f"backbone.{k}": v.detach().clone() for k, v in backbone.named_parameters()} if proximal_mu else None
     split = split_frozen(backbone)
+    canary_inputs = None  # every input canary as the network takes it (no augmentation; a frozen trunk's features)
     if split is not None:
         features = cached_trunk_features(split[0], faces, feature_cache)  # [N, 2, ...]
         inputs = _feature_inputs(features, augment, gen)
         model: nn.Module = EmbeddingClassifier(split[1], head)
+        if canaries is not None and canaries.inputs is not None:
+            canary_inputs = trunk_features(split[0], canaries.inputs.images)
     else:
         inputs = _image_inputs(augment, gen)
         model = EmbeddingClassifier(backbone, head)
+        if canaries is not None and canaries.inputs is not None:
+            canary_inputs = normalize(canaries.inputs.images.float().div(255.0))
     model.train()
     groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad],
                "lr": lr if backbone_lr is None else backbone_lr}, {"params": list(model.head.parameters())}]
@@ -301,8 +320,11 @@ def train_embedding(
     closed_form = dp is not None and closed_form_supported(model.backbone)
     if dp is not None:
         model, opt, loader, criterion = _privatize_embedding(model, opt, loader, dp, gen, criterion,
-                                                             closed_form=closed_form)
+                                                             closed_form=closed_form, broken_dp=broken_dp)
     inner = model._module if dp is not None and not closed_form else model
+    clip = dp_faults.clipping_bound(broken_dp, dp.max_grad_norm) if dp is not None else None
+    injector = (CanaryInjector(canaries, backbone, 1.0 / steps_per_epoch(len(faces), batch_size), clip=clip)
+                if canaries is not None else None)
     last_epoch_started = False  # loss and accuracy are reported for the last local epoch
     steps, seen, processed, total_loss, correct = 0, 0, 0, 0.0, 0
     start = time.perf_counter()
@@ -310,10 +332,22 @@ def train_embedding(
         steps += 1
         if epoch == epochs - 1 and epochs > 1 and not last_epoch_started:
             last_epoch_started, seen, total_loss, correct = True, 0, 0.0, 0
-        if len(labels) == 0:
-            _empty_batch_step(opt, dp)
+        sampled, sampled_inputs = injector.draw() if injector is not None else (None, None)
+        real = len(labels)
+
+        def add_canaries() -> None:
+            if injector is not None:
+                injector.add_gradients(sampled, real_batch=real)
+
+        if real == 0 and (sampled_inputs is None or len(sampled_inputs) == 0):
+            _empty_batch_step(opt, dp, add_canaries)
             continue
-        x = inputs(images)
+        if sampled_inputs is not None and len(sampled_inputs):
+            extra_x, extra_labels = injector.input_batch(canary_inputs, sampled_inputs)
+            x = torch.cat([inputs(images), extra_x]) if real else extra_x
+            labels = torch.cat([labels, extra_labels])
+        else:
+            x = inputs(images)
         if loss == "triplet":
             opt.zero_grad(set_to_none=True)
             emb = inner.backbone(x)
@@ -324,12 +358,14 @@ def train_embedding(
             opt.step()
         else:
             cosine, batch_loss = embedding_step(model, opt, criterion, x, labels,
-                                                closed_form_clip=dp.max_grad_norm if closed_form else None)
+                                                closed_form_clip=clip if closed_form else None,
+                                                before_step=add_canaries if injector is not None else None,
+                                                loss_weight=len(labels) / real if dp is None and real else 1.0)
         _proximal_step(inner, anchor, lr, proximal_mu)
-        seen += len(labels)
-        processed += len(labels)
-        total_loss += float(batch_loss.detach()) * len(labels)
-        correct += int((cosine.argmax(1) == labels).sum())
+        seen += real
+        processed += real
+        total_loss += float(batch_loss.detach()) * real
+        correct += int((cosine[:real].argmax(1) == labels[:real]).sum())
     elapsed = time.perf_counter() - start
     result = LocalResult(
         metrics={
@@ -348,11 +384,15 @@ def train_embedding(
 
 
 def embedding_step(model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.Module, x: torch.Tensor,
-                   labels: torch.Tensor, *, closed_form_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   labels: torch.Tensor, *, closed_form_clip: float | None = None,
+                   before_step: Callable[[], None] | None = None,
+                   loss_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step of an :class:`EmbeddingClassifier` with a margin-softmax ``criterion``; returns
     (cosine, mean loss), detached. Non-DP, or DP-SGD as :func:`_privatize_embedding` set it up: Opacus' ghost
     clipping (inside ``criterion(...).backward()``), or with ``closed_form_clip`` (the clipping norm) the closed form
-    of :mod:`client.ghost_clipping` on the unwrapped model."""
+    of :mod:`client.ghost_clipping` on the unwrapped model. ``before_step`` runs between the gradient and the step
+    (the canary audit adds its gradient canaries there); ``loss_weight`` scales a non-DP batch's mean loss (to the sum
+    over the batch divided by its real examples, when input canaries were appended)."""
     opt.zero_grad(set_to_none=True)
     if closed_form_clip is not None:
         def per_sample(cosine: torch.Tensor) -> torch.Tensor:
@@ -363,8 +403,10 @@ def embedding_step(model: nn.Module, opt: torch.optim.Optimizer, criterion: nn.M
     else:
         cosine = model(x)
         batch_loss = criterion(cosine, labels)
-        batch_loss.backward()
+        (batch_loss * loss_weight if loss_weight != 1.0 else batch_loss).backward()
         cosine, loss = cosine.detach(), batch_loss.detach()
+    if before_step is not None:
+        before_step()
     opt.step()
     return cosine, loss
 

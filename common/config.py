@@ -121,6 +121,11 @@ class RunConfig:
     tracking: str = "none"  # none | mlflow
     tracking_uri: str = ""  # "" = a local MLflow store in the run directory
     tracking_experiment: str = "facefl"  # MLflow experiment name
+    # Canary audit (a simulated run audited in one training run, Steinke et al. 2023; server/privacy_audit/canaries.py)
+    canary_gradients: int = 0  # white-box: gradient (Dirac) canaries per site, read off its per-round updates; 0 = none
+    canary_inputs: int = 0  # black-box: input canaries per site (mislabelled synthetic faces), scored on the final model
+    canary_norm: float = 1000.0  # a canary's raw gradient norm in max-grad-norms: an outlier (DP-SGD clips it to 1)
+    canary_seed: int = 1  # seed of the canary plan (which canaries, where, included or not), apart from training's
 
 
     def __post_init__(self) -> None:
@@ -158,8 +163,15 @@ class RunConfig:
             positive(name)
         for name in ("proximal_mu", "margin", "vae_beta", "vae_perceptual", "max_identities", "eval_pairs", "eval_faces",
                      "planned_rounds", "target_delta", "max_update_norm", "backbone_lr", "lr", "vae_lr",
-                     "validation_people", "reject_tolerance", "batch_size"):
+                     "validation_people", "reject_tolerance", "batch_size", "canary_gradients", "canary_inputs"):
             positive(name, allow_zero=True)
+        positive("canary_norm")
+        if (self.canary_gradients or self.canary_inputs) and not self.trains_embedding:
+            raise ConfigError(f"Canaries audit the face-embedding model; task={self.task} trains none (use task "
+                              "embedding or both, or set canary-gradients=0 and canary-inputs=0).")
+        if self.canary_gradients and self.secure_aggregation:
+            raise ConfigError("canary-gradients needs the server to read each site's update (the white-box audit); "
+                              "secure-aggregation=true hides them. Audit a run without secure aggregation.")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train!r}.")
         if not 0.0 <= self.val_fraction < 0.5:

@@ -120,6 +120,10 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         if pairs is not None:
             strategy.guard = RoundGuard(cfg, pairs)
             run.metrics["run"]["validation"] = pairs.description
+    if cfg.canary_gradients:  # a canary audit: the server keeps every site's update at the canaries' coordinates
+        from server.privacy_audit.canaries import UpdateRecorder
+
+        strategy.update_observer = UpdateRecorder(cfg, run.path)
     if checkpoint and checkpoint.get("server_state"):
         strategy.load_server_state(checkpoint["server_state"])
     state_root = Path(cfg.state_dir) if cfg.state_dir else run.path / "sites"

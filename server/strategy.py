@@ -114,6 +114,9 @@ class SiteAwareMixin:
         self.reports: dict[int, RoundReport] = {}
         self.train_metrics: dict[int, dict[str, float]] = {}
         self.guard = None  # a server.round_guard.RoundGuard, set by the server when validation people exist
+        # Called with (round, site name, site's weights, global weights sent) for every accepted update: the canary
+        # audit's white-box view (server.privacy_audit.canaries.UpdateRecorder); None otherwise.
+        self.update_observer = None
 
     def guarded(self, absolute: int, report: RoundReport, previous: dict[str, torch.Tensor],
                 candidate: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,6 +170,8 @@ class SiteAwareMixin:
                 report.rejected[name] = str(exc)
                 log.warning("round %d: update from %s rejected: %s", absolute, name, exc)
                 continue
+            if self.update_observer is not None:
+                self.update_observer(absolute, name, state, self._global)
             usable.append((name, msg))
         # In the order of the sites' names, not of arrival: floating-point sums depend on the order, and replies
         # arrive in whatever order the sites finish, so only this makes a run with a fixed seed repeat bit for bit.

@@ -143,6 +143,9 @@ class MlflowTracker:
             for name, a in entry.get("attacks", {}).items():
                 for key in ("auc", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct", "epsilon_lower_bound"):
                     values[f"audit/{model}/{name}/{key}"] = a[key]
+        for setting, c in audit.get("canaries", {}).get("settings", {}).items():  # the one-run canary audit
+            for key in ("epsilon_lower_bound", "max_certifiable", "canaries", "guesses", "correct"):
+                values[f"audit/canaries/{setting}/{key}"] = float(c[key])
         self.log_metrics(values, int(audit.get("round", 0)))
 
     def log_artifacts(self, paths: list[Path], folder: str = "report") -> None:

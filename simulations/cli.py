@@ -140,6 +140,10 @@ def simulate(
                 console.print(f"no report: {exc}", markup=False)
         raise
     _print_summary(run_dir)
+    if cfg.canary_gradients or cfg.canary_inputs:  # a canary run is audited at once (it is cheap)
+        from server.privacy_audit.canaries import canary_audit, canary_lines
+
+        console.print("\n".join(canary_lines(canary_audit(run_dir))), markup=False, highlight=False, soft_wrap=True)
     if privacy_audit:
         from server.privacy_audit.audit_run import audit_run
 
@@ -304,6 +308,65 @@ def audit_privacy(
     console.print(f"written to {Path(run_dir) / 'privacy_audit.json'}", markup=False, highlight=False)
 
 
+@audit_app.command("canaries")
+def audit_canaries(
+    run_dir: str = typer.Argument(..., help="A finished simulated run trained with canaries (--set canary-gradients=M "
+                                  "and/or canary-inputs=M)."),
+    sites: Optional[int] = typer.Option(None, help="Number of sites (default: read from the run)."),
+    confidence: float = typer.Option(0.95, help="Confidence of the one-run epsilon lower bounds."),
+) -> None:
+    """The one-run canary audit (Steinke et al. 2023): white-box (gradient canaries read off every site's per-round
+    update) and black-box (input canaries scored on the final model) epsilon lower bounds, with the number of
+    canaries, guesses and correct guesses and the largest bound those canaries could certify; written into
+    RUN_DIR/privacy_audit.json (key "canaries"), the report and MLflow."""
+    from server.privacy_audit.canaries import canary_audit, canary_lines
+    from server.rundir import RunDirError
+
+    _setup_logging(False)
+    if not 0.5 < confidence < 1.0:
+        raise typer.BadParameter(f"--confidence must be between 0.5 and 1; got {confidence}.")
+    try:
+        result = canary_audit(run_dir, sites=sites, confidence=confidence)
+    except (RunDirError, ValueError, OSError) as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    console.print("\n".join(canary_lines(result)), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"written to {Path(run_dir) / 'privacy_audit.json'}", markup=False, highlight=False)
+
+
+@audit_app.command("site")
+def audit_site(
+    state: str = typer.Option(..., "--state", help="The site's state folder (privacy ledger, margin head, audit log, "
+                              "the latest global model it received)."),
+    data: str = typer.Option(..., "--data", help="The site's photo folder (one sub-folder per person)."),
+    model: Optional[str] = typer.Option(None, help="A model file the server distributed (a run checkpoint) instead "
+                                        "of the latest one the site received."),
+    confidence: float = typer.Option(0.95, help="Confidence of the empirical epsilon lower bound."),
+) -> None:
+    """A site audits the global model against its own faces (members: its training faces; non-members: its held-out
+    faces of the same people), at the site: nothing is sent anywhere. Written to STATE/privacy_self_audit.json and
+    the site's audit log."""
+    from server.privacy_audit.site_audit import SelfAuditError, self_audit
+
+    _setup_logging(False)
+    if not 0.5 < confidence < 1.0:
+        raise typer.BadParameter(f"--confidence must be between 0.5 and 1; got {confidence}.")
+    try:
+        result = self_audit(state, data=data, model=model, confidence=confidence)
+    except (SelfAuditError, ValueError, OSError) as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    eps = result["accountant_epsilon"]
+    lines = [f"site {result['site']}: the global model of round {result['round']} against its own faces "
+             f"({result['members']} members / {result['non_members']} non-members); accountant epsilon "
+             f"{'none (no DP)' if eps == float('inf') else f'{eps:.2f}'}"]
+    for name, a in result["attacks"].items():
+        lines.append(f"  {name}: AUC {a['auc']:.3f} [{a['auc_ci'][0]:.3f}, {a['auc_ci'][1]:.3f}], epsilon >= "
+                     f"{a['epsilon_lower_bound']:.2f}")
+    lines.append(f"written to {Path(state) / 'privacy_self_audit.json'} and the site's audit log; nothing was sent")
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+
+
 def audit_summary(result: dict) -> str:
     """The audit's lines for the console: one per model and attack."""
     lines = [result["game"]]
@@ -426,10 +489,19 @@ def bench_privacy(
     overfit_epochs: int = typer.Option(10, help="Local epochs per round of the overfit runs."),
     out: str = typer.Option("runs/bench-privacy", help="Folder for the benchmark's runs and its JSON summary."),
     retrain: bool = typer.Option(False, help="Train every run again, even one that completed before."),
+    parts: str = typer.Option("membership,canaries", help="membership (the membership-inference rows) and/or "
+                              "canaries (the one-run canary audit rows)."),
+    recipes: str = typer.Option("pretrained,scratch", help="Canary rows: the README's pretrained recipe and/or the "
+                                "from-scratch scattering network."),
+    canary_gradients: int = typer.Option(250, help="Canary rows: gradient canaries per site (white-box)."),
+    canary_inputs: int = typer.Option(100, help="Canary rows: input canaries per site (black-box)."),
+    scratch_rounds: int = typer.Option(5, help="Canary rows: rounds of the from-scratch runs."),
 ) -> None:
     """Membership inference against federations without DP and with DP, both models, and against a run made to
-    overfit: AUC, TPR at low FPR, empirical epsilon lower bounds beside the accountant's."""
-    from simulations.bench_privacy import run_privacy_bench
+    overfit: AUC, TPR at low FPR, empirical epsilon lower bounds beside the accountant's. And the one-run canary
+    audit (white-box and black-box bounds, the largest certifiable, the accountant's epsilon) of the pretrained and
+    from-scratch recipes."""
+    from simulations.bench_privacy import run_canary_bench, run_privacy_bench
 
     _setup_logging(False)
     try:
@@ -440,8 +512,18 @@ def bench_privacy(
         raise typer.BadParameter(f"--epsilons must be positive numbers; got {epsilons!r}.")
     if rounds < 1 or sites < 1 or overfit_epochs < 1 or overfit_identities < 0:
         raise typer.BadParameter("--rounds, --sites and --overfit-epochs must be at least 1.")
-    run_privacy_bench(data=data, rounds=rounds, sites=sites, epsilons=eps, overfit_identities=overfit_identities,
-                      overfit_epochs=overfit_epochs, out=Path(out), console=Console(width=170), retrain=retrain)
+    chosen = {p.strip() for p in parts.split(",") if p.strip()}
+    chosen_recipes = tuple(r.strip() for r in recipes.split(",") if r.strip())
+    if not chosen or chosen - {"membership", "canaries"} or set(chosen_recipes) - {"pretrained", "scratch"}:
+        raise typer.BadParameter(f"--parts takes membership,canaries and --recipes pretrained,scratch; got {parts!r} "
+                                 f"and {recipes!r}.")
+    if "membership" in chosen:
+        run_privacy_bench(data=data, rounds=rounds, sites=sites, epsilons=eps, overfit_identities=overfit_identities,
+                          overfit_epochs=overfit_epochs, out=Path(out), console=Console(width=170), retrain=retrain)
+    if "canaries" in chosen:
+        run_canary_bench(data=data, rounds=rounds, scratch_rounds=scratch_rounds, sites=sites, epsilons=eps,
+                         gradients=canary_gradients, inputs=canary_inputs, out=Path(out), console=Console(width=170),
+                         retrain=retrain, recipes=chosen_recipes)
 
 
 @bench_app.command("scale")

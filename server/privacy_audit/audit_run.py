@@ -95,17 +95,22 @@ def site_pool(cfg: RunConfig, index: int, num_sites: int, seed: int = 0) -> Site
     alike in everything but training: a person with 3 faces gives 1 of 3 to validation, one with 500 gives 50, so
     taking all training faces as members would weigh people differently in the two pools."""
     train, val = site_faces(cfg, index, num_sites)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return pool_of(f"site-{index}", train, val, seed * 1_000_003 + index)
+
+
+def pool_of(name: str, train, val, seed: int) -> SitePool:
+    """:func:`site_pool` of a site's (train, validation) faces, with its own seed."""
+    gen = torch.Generator().manual_seed(seed)
     chosen = []
     for label in torch.unique(val.labels).tolist():
         own = torch.nonzero(train.labels == label).flatten()
         take = min(int((val.labels == label).sum()), len(own))
         chosen.append(own[torch.randperm(len(own), generator=gen)[:take]])
     member_index = torch.sort(torch.cat(chosen)).values if chosen else torch.zeros(0, dtype=torch.long)
-    return SitePool(f"site-{index}", train.images, train.labels, member_index, val.images, val.labels, len(train))
+    return SitePool(name, train.images, train.labels, member_index, val.images, val.labels, len(train))
 
 
-def _embedding_scores(backbone, pools: list[SitePool], heads: list[torch.Tensor | None], seed: int) -> dict:
+def embedding_scores(backbone, pools: list[SitePool], heads: list[torch.Tensor | None], seed: int) -> dict:
     """Per-attack (member, non-member) score arrays of one backbone over all sites."""
     margin_in, margin_out, cen_in, cen_out = [], [], [], []
     for k, (pool, head) in enumerate(zip(pools, heads)):
@@ -209,9 +214,9 @@ def audit_run(run_dir: str | Path, *, sites: int | None = None, settings: AuditS
                    "calibrated": rates(np.log(ref_in) - np.log(loss_in), np.log(ref_out) - np.log(loss_out), 2)}
         result["models"]["vae"] = _model_entry("vae", attacks, cfg, epsilon, delta)
     if models.embedding is not None:
-        target = _embedding_scores(models.embedding, pools, _load_heads(cfg, run_dir, pools), settings.seed)
+        target = embedding_scores(models.embedding, pools, _load_heads(cfg, run_dir, pools), settings.seed)
         ref = reference_embedding(cfg, ref_faces, epochs=settings.reference_epochs_embedding)
-        reference = _embedding_scores(ref, pools, [None] * len(pools), settings.seed)
+        reference = embedding_scores(ref, pools, [None] * len(pools), settings.seed)
         attacks = {}
         (r_in, r_out) = reference["centroid"]
         if "margin" in target:
@@ -225,9 +230,26 @@ def audit_run(run_dir: str | Path, *, sites: int | None = None, settings: AuditS
     if write:
         from server.tracking import track_audit
 
+        previous = load_audit(run_dir) or {}
+        if previous.get("canaries", {}).get("round") == done:  # the canary audit of this checkpoint stays
+            result["canaries"] = previous["canaries"]
         atomic_write_json(run_dir / AUDIT_FILE, result)
         track_audit(run_dir, result)
     return result
+
+
+def merge_into_audit(run_dir: str | Path, key: str, entry: dict) -> None:
+    """Put ``entry`` under ``key`` in the run's ``privacy_audit.json`` (kept with the membership audit when that is of
+    the same round) and log it to the run's MLflow run."""
+    from server.tracking import track_audit
+
+    run_dir = Path(run_dir)
+    current = load_audit(run_dir) or {}
+    if current.get("round") != entry.get("round"):
+        current = {"run": str(run_dir.resolve()), "round": entry.get("round"), "models": {}}
+    current[key] = entry
+    atomic_write_json(run_dir / AUDIT_FILE, current)
+    track_audit(run_dir, {"round": entry.get("round"), key: entry})
 
 
 def _model_entry(kind: str, attacks: dict[str, AttackRates], cfg: RunConfig, epsilon: float, delta: float) -> dict:

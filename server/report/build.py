@@ -172,9 +172,11 @@ def privacy_audit_for(data: RunData, *, run_audit: bool) -> tuple[dict | None, s
     if data.state is None:
         return None, "No checkpoint to audit."
     found = load_audit(data.path)
-    if found is not None and found.get("round") == data.checkpoint_round:
-        return found, ""
+    if found is not None and found.get("round") == data.checkpoint_round and found.get("models"):
+        return found, ""  # (a file holding only a canary audit has no membership audit yet)
     if not run_audit:
+        if found is not None and found.get("round") == data.checkpoint_round and found.get("canaries"):
+            return found, ""
         return None, ("No privacy audit of this checkpoint: run `facefl audit privacy " f"{data.path}`.")
     try:
         return audit_run(data.path), ""
@@ -233,6 +235,8 @@ def run_summary(section: RunSection) -> dict:
                         for name, a in entry["attacks"].items()}} for model, entry in section.privacy_audit["models"].items()}
     elif section.privacy_audit_note:
         out["privacy_audit_note"] = section.privacy_audit_note
+    if section.privacy_audit is not None and section.privacy_audit.get("canaries"):
+        out["canary_audit"] = section.privacy_audit["canaries"]
     return out
 
 

@@ -294,7 +294,26 @@ def membership(sections: list[RunSection]) -> dict | None:
                 attacks[f"{MODEL_NAMES[model]}, {name}"] = a.get("description", "")
     return {"charts": charts, "rows": rows, "notes": notes, "game": first.get("game", ""),
             "reference": first.get("reference", ""), "limits": first.get("limits", ""),
-            "confidence": first.get("confidence", 0.95), "attacks": list(attacks.items())}
+            "confidence": first.get("confidence", 0.95), "attacks": list(attacks.items()),
+            "canaries": canary_rows(audited)}
+
+
+def canary_rows(audited: list[RunSection]) -> dict | None:
+    """The one-run canary audit (``facefl audit canaries``): one row per run and setting, each bound beside the
+    largest bound its canaries could certify and the accountant's epsilon; None when no run has one."""
+    rows, whats, limits = [], [], ""
+    for s in audited:
+        c = s.privacy_audit.get("canaries")
+        if not c:
+            continue
+        limits = c.get("limits", "")
+        eps = c["accountant_epsilon"]
+        for setting, e in c["settings"].items():
+            rows.append([s.data.name, setting, e["canaries"], e["included"], e["guesses"], e["correct"],
+                         e["epsilon_lower_bound"], e["max_certifiable"], eps if math.isfinite(eps) else "no DP",
+                         f"{e['delta']:.1e}", f"{e['confidence']:.0%}"])
+            whats.append((setting, e.get("what", "")))
+    return {"rows": rows, "whats": list(dict(whats).items()), "limits": limits} if rows else None
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
