@@ -70,7 +70,9 @@ def _federation(lfw_root, cache_dir, run_dir, **overrides) -> RunConfig:
 def overfit_runs(lfw_root, cache_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     _federation(lfw_root, cache_dir, root / "plain", dp=False, tracking="mlflow")
-    _federation(lfw_root, cache_dir, root / "private", dp=True, **{"target-epsilon": 1.0})
+    # Under DP the batch is four times larger (as in the measured recipes): the same 15 epochs in a quarter of the
+    # DP-SGD steps, a third of this fixture's time; at epsilon 1 the model still learns next to nothing about a face.
+    _federation(lfw_root, cache_dir, root / "private", dp=True, **{"target-epsilon": 1.0, "batch-size": 64})
     return root / "plain", root / "private", audit_run(root / "plain"), audit_run(root / "private")
 
 
