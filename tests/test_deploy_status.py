@@ -29,6 +29,7 @@ def _superlink_database(path, sites: list[str]) -> dict[str, int]:
     state = LinkStateFactory(str(path), NoOpFederationManager(), ObjectStoreFactory()).state()
     ids = {s: state.create_node("operator", "operator", f"key-{s}".encode(), 30.0, name=s) for s in sites}
     assert state.activate_node(ids["a"], 30.0) and state.acknowledge_node_heartbeat(ids["a"], 30.0)
+    assert state.activate_node(ids["c"], 30.0) and state.deactivate_node(ids["c"])  # c's SuperNode stopped
     return ids
 
 
@@ -73,6 +74,7 @@ def test_status_reads_nodes_contacts_revocations_ledgers_and_expiry(deployment):
     assert abs((now - a.last_contact).total_seconds()) < 30  # the heartbeat just acknowledged
     assert (b.node_status, b.last_contact) == ("registered", None)  # registered, never connected
     assert c.revoked and c.revoked_at and not a.revoked and not b.revoked
+    assert c.node_status == "offline" and abs((now - c.last_contact).total_seconds()) < 30  # it signed off just now
     assert a.fingerprint.startswith("SHA256:") and a.fingerprint == dep.fingerprints["a"]
     assert (a.last_aggregated_round, b.last_aggregated_round, c.last_aggregated_round) == (3, 2, None)
     assert a.ledger["epsilon"] == pytest.approx(ledger.spent) and b.ledger is None

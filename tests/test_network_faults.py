@@ -4,8 +4,8 @@ namespace address (not 127.0.0.1), SuperNode authentication, and a DP run on LFW
 the operator's side of the bridge. Then faults, made on the network: a site partitioned in the middle of round 2.
 
 Marked ``netns`` and left out of the default run (pyproject's addopts); ``.ci/run`` runs the group after the suite:
-``python -m pytest -m netns -n0 tests/test_network_faults.py``. Skipped, with the reason, where the machine does
-not allow network namespaces.
+``python -m pytest -m netns -n0 tests/test_netns.py tests/test_network_faults.py``. Skipped, with the reason, where
+the machine does not allow network namespaces.
 
 What Flower 1.42 does when a site disappears mid-round (read from its source, ``flwr/server/superlink/linkstate``):
 a SuperNode sends a heartbeat every ~24 s and promises the next within 30 s; the SuperLink counts it offline once

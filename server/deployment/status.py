@@ -9,8 +9,9 @@ certificates expire. The sources:
   copy) and ``DIR/superlink/server.crt``: the certificates' expiry. Site keys are OpenSSH keys and do not expire.
 - ``STATE/nodes.json`` (``facefl superlink``): site name -> node id. ``STATE/superlink.db``: Flower's own record of
   each node, opened read-only. Flower 1.42 keeps ``online_until`` = the node's last heartbeat + 2 x its heartbeat
-  interval (``HEARTBEAT_PATIENCE``), so the last contact is ``online_until - 2 x heartbeat_interval``; a node still
-  marked online whose ``online_until`` has passed is offline (Flower decides that lazily, on the next query).
+  interval (``HEARTBEAT_PATIENCE``), so the last contact is ``online_until - 2 x heartbeat_interval``, unless the
+  node signed off (``last_deactivated_at``, when Flower sets ``online_until`` to that moment); a node still marked
+  online whose ``online_until`` has passed is offline (Flower decides that lazily, on the next query).
 - A run folder (``--run``): the last round in which each site's update was aggregated, from its audit log.
 - Site ledgers: read by the caller (``client.privacy`` belongs to the site's layer) and passed in as summaries.
 """
@@ -170,7 +171,7 @@ def format_status(status: DeploymentStatus) -> str:
     else:
         lines.append(f"  SuperLink state: {status.nodes_source}")
     lines.append("")
-    header = f"  {'site':<14}{'state':<9}{'node':<22}{'status':<16}{'last contact':<30}{'aggregated':<12}privacy ledger"
+    header = f"  {'site':<14}{'state':<9}{'node':<22}{'status':<16}{'last contact':<36}{'aggregated':<12}privacy ledger"
     lines.append(header)
     for name in sorted(status.sites):
         site = status.sites[name]
@@ -178,7 +179,7 @@ def format_status(status: DeploymentStatus) -> str:
         node = str(site.node_id) if site.node_id is not None else "-"
         contact = f"{_iso(site.last_contact)} ({_ago(now - site.last_contact)})" if site.last_contact else "-"
         aggregated = f"round {site.last_aggregated_round}" if site.last_aggregated_round is not None else "-"
-        lines.append(f"  {name:<14}{state:<9}{node:<22}{site.node_status:<16}{contact:<30}{aggregated:<12}"
+        lines.append(f"  {name:<14}{state:<9}{node:<22}{site.node_status:<16}{contact:<36}{aggregated:<12}"
                      f"{_ledger_text(site.ledger)}")
         if site.revoked:
             lines.append(f"  {'':<14}revoked at {site.revoked_at}")
@@ -213,14 +214,28 @@ def _flower_nodes(database: Path) -> dict[int, dict] | None:
 
 
 def _node_contact(node: dict, now: dt.datetime) -> tuple[str, dt.datetime | None]:
+    """(status, last contact) of a node row: its last heartbeat, or the moment it signed off (a SuperNode that stops
+    cleanly is deactivated: Flower then sets ``online_until`` to that moment), or its activation if later."""
     status = str(node.get("status") or "registered")
     until, interval = node.get("online_until"), node.get("heartbeat_interval")
-    contact = None
-    if until is not None and interval is not None:
-        contact = dt.datetime.fromtimestamp(float(until) - HEARTBEAT_PATIENCE * float(interval), dt.timezone.utc)
-        if status == "online" and float(until) < now.timestamp():
-            status = "offline"
-    return status, contact
+    times = [_parse_time(node.get("last_activated_at"))]
+    left = _parse_time(node.get("last_deactivated_at"))
+    if until is not None and left is not None and abs(left.timestamp() - float(until)) < 1.0:
+        times.append(left)
+    elif until is not None and interval is not None:
+        times.append(dt.datetime.fromtimestamp(float(until) - HEARTBEAT_PATIENCE * float(interval), dt.timezone.utc))
+    if status == "online" and until is not None and float(until) < now.timestamp():
+        status = "offline"
+    times = [t for t in times if t is not None]
+    return status, max(times) if times else None
+
+
+def _parse_time(text) -> dt.datetime | None:
+    try:
+        moment = dt.datetime.fromisoformat(str(text)) if text else None
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=moment.tzinfo or dt.timezone.utc) if moment else None
 
 
 def _ledger_text(ledger: dict | None) -> str:
