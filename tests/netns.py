@@ -113,6 +113,15 @@ class TestNetwork:
     def namespaces(self) -> list[str]:
         return [self.hub, *(h.namespace for h in self.hosts.values())]
 
+    def processes(self) -> dict[int, str]:
+        """The live processes inside the network's namespaces: pid -> command line."""
+        found = {}
+        for ns in self.namespaces():
+            for pid in (int(p) for p in _ip("ip", "netns", "pids", ns, check=False).stdout.split() if p.isdigit()):
+                if _alive(pid):
+                    found[pid] = _cmdline(pid)
+        return found
+
     def close(self) -> list[str]:
         """Kill what still runs in the namespaces and delete them (the veth pairs go with them). Returns the
         command lines of the processes that had to be killed."""
@@ -188,8 +197,9 @@ def _remove(namespaces: list[str]) -> list[str]:
         pids = [int(p) for p in _ip("ip", "netns", "pids", ns, check=False).stdout.split() if p.isdigit()]
         for pid in pids:
             try:
-                killed.append(open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()[:160])
-                os.kill(pid, signal.SIGKILL)
+                if _alive(pid):
+                    killed.append(_cmdline(pid))
+                    os.kill(pid, signal.SIGKILL)
             except OSError:
                 continue
         deadline = time.monotonic() + 10
@@ -197,6 +207,14 @@ def _remove(namespaces: list[str]) -> list[str]:
             time.sleep(0.1)
         _ip("ip", "netns", "del", ns, check=False)
     return killed
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")[:160]
+    except OSError:
+        return "?"
 
 
 def _alive(pid: int) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MARK, marked_processes, patience
+from conftest import MARK, patience
 
 from client.privacy import PrivacyLedger
 from client.site import RECEIVED_FILE
@@ -169,11 +169,10 @@ def netfed(test_network, tmp_path_factory, lfw_root) -> NetFederation:
             if name in fed.procs:
                 _stop(fed.procs[name])
         deadline = time.monotonic() + 20
-        while marked_processes(MARK) and time.monotonic() < deadline:
+        while net.processes() and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = [f"{pid}: {cmd[:160]}" for pid, cmd in marked_processes(MARK).items()
-                if any(ns in cmd for ns in net.namespaces()) or str(tmp) in cmd]
-        assert not left, "processes left running:\n" + "\n".join(left)
+        left = [f"{pid}: {cmd}" for pid, cmd in net.processes().items()]
+        assert not left, "processes left running in the test network:\n" + "\n".join(left)
 
 
 def test_the_sites_reach_the_superlink_by_its_network_address_over_tls(netfed):
@@ -189,7 +188,8 @@ def test_the_sites_reach_the_superlink_by_its_network_address_over_tls(netfed):
     for s in SITES:
         assert f'superlink = "{host}:{PORT}"' in (netfed.root / "sites" / s / "site.toml").read_text()
         assert "connected to the SuperLink" in netfed.outs[s].read_text()
-    assert set(netfed.nodes().values()) >= {"online"}
+    ids, nodes = netfed.node_ids(), netfed.nodes()
+    assert all(nodes[ids[s]] == "online" for s in SITES), nodes
 
 
 def test_a_site_partitioned_in_round_2_rejoins_and_its_ledger_counts_what_it_trained(netfed, lfw_root):
