@@ -255,3 +255,11 @@ def test_a_site_partitioned_in_round_2_rejoins_and_its_ledger_counts_what_it_tra
         assert abs(trained[-1]["epsilon"] - ledger.spent) < 1e-9 and ledger.spent <= 50 + 1e-6
         assert rounds[3]["sites"][s]["epsilon"] == pytest.approx(ledger.spent, rel=1e-6)
     assert netfed.procs["c"].poll() is None  # the site rode out the partition by itself
+
+    # What the operator sees afterwards: c online again, aggregated in round 3, its ledger (rounds 1, 2 and 3).
+    done = subprocess.run([sys.executable, "-m", "simulations.deploy_cli", "deploy", "status", "--deployment",
+                           str(netfed.root), "--run", str(run_dir), "--site-state", f"c={netfed.states['c']}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=patience(60))
+    assert done.returncode == 0, done.stderr
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("  c "))
+    assert str(ids["c"]) in line and "online" in line and "round 3" in line and "(1, 2, 3)" in line, done.stdout
