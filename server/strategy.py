@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from common.config import RunConfig
@@ -131,7 +132,19 @@ class SiteAwareMixin:
         config["round"] = absolute
         wait_for_quorum(grid, self.min_sites, self.quorum_timeout)
         self._global = arrays.to_torch_state_dict()
-        return super().configure_train(absolute, arrays, config, grid)  # type: ignore[misc]
+        # Kept: the grid gives these very messages their ids when it sends them, which names the site behind an error
+        # reply the SuperLink writes itself (see failed_node).
+        self._sent = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
+        return self._sent
+
+    def failed_node(self, msg: Message) -> int:
+        """The node an error reply is about. A site's own error names it as the sender; an error the SuperLink writes
+        for a site that stopped heartbeating ("Node Unavailable") comes from the SuperLink (node 1) and names the
+        site only through the message it replies to."""
+        if msg.metadata.src_node_id != SUPERLINK_NODE_ID:
+            return msg.metadata.src_node_id
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
+        return sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         absolute = server_round + self.round_offset
@@ -139,7 +152,7 @@ class SiteAwareMixin:
         usable: list = []
         replies = list(replies)
         for msg in replies:
-            node = f"node-{msg.metadata.src_node_id}"
+            node = f"node-{self.failed_node(msg) if msg.has_error() else msg.metadata.src_node_id}"
             if msg.has_error():
                 reason = str(msg.error.reason)
                 site = refusing_site(reason)
@@ -147,6 +160,8 @@ class SiteAwareMixin:
                 if site:
                     report.refused[site] = reason
                     log.warning("round %d: %s (node %d)", absolute, reason, msg.metadata.src_node_id)
+                else:
+                    log.warning("round %d: %s left out of the round: %s", absolute, node, reason)
                 continue
             content = msg.content
             name = str(content["site"]["name"]) if "site" in content.config_records else node

@@ -1,6 +1,6 @@
-"""The deployment commands of ``facefl``: ``deploy init|add-site|revoke-site`` (key material for a SuperLink and
-one SuperNode per site, ``server/deployment/provision.py``), ``superlink`` (``server/deployment/superlink.py``)
-and ``site`` (``client/supernode.py``).
+"""The deployment commands of ``facefl``: ``deploy init|add-site|revoke-site|sign-app`` (key material for a SuperLink
+and one SuperNode per site, ``server/deployment/provision.py``), ``deploy status`` (``server/deployment/status.py``),
+``superlink`` (``server/deployment/superlink.py``) and ``site`` (``client/supernode.py``).
 
 Registered in ``simulations/cli.py``; ``python -m simulations.deploy_cli deploy|superlink|site ...`` runs them
 without the rest of the CLI. Errors are raised as
@@ -87,6 +87,37 @@ def sign_app_cmd(
 
     path, sha256 = sign_app(deployment, app)
     typer.echo(f"Signed {app}: {path} (the bundle `flwr run` sends has sha256 {sha256}).")
+
+
+@deploy_app.command("status")
+def status_cmd(
+    deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init`."),
+    state: Optional[Path] = typer.Option(None, "--state", help="The SuperLink's state folder (default "
+                                         "DIR/superlink/state): node ids, Flower's database."),
+    run: Optional[Path] = typer.Option(None, "--run", help="A run folder (its run-dir): the last round each site's "
+                                       "update was aggregated."),
+    site_state: list[str] = typer.Option([], "--site-state", help="NAME=PATH: a site's state folder, for its "
+                                         "privacy ledger (repeatable; default: state-dir in the site's bundle, "
+                                         "where it exists on this machine)."),
+) -> None:
+    """Each site's last contact, node status and privacy ledger; the CA's and SuperLink's certificate expiry;
+    revoked sites. Reads files only: works with the SuperLink stopped, and changes nothing."""
+    from client.privacy import PrivacyLedger
+    from server.deployment.status import deployment_status, format_status, site_state_dirs
+
+    given = {}
+    for item in site_state:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"Invalid --site-state {item!r}: give NAME=PATH (e.g. a=/srv/facefl/a).")
+        given[name] = path
+    ledgers = {}
+    for name, folder in site_state_dirs(deployment, given).items():
+        ledger = PrivacyLedger.load(folder)
+        if ledger is not None:
+            ledgers[name] = {**ledger.summary(),
+                             "trained_rounds": [r["round"] for r in ledger.rounds if r["status"] == "trained"]}
+    typer.echo(format_status(deployment_status(deployment, state=state, run=run, ledgers=ledgers)))
 
 
 def superlink_command(

@@ -181,3 +181,20 @@ def federated_run(tmp_path_factory, lfw_root, cache_dir, trained_stylizer) -> Pa
                   "--report-stylizer", str(trained_stylizer[2]), progress=run)
     assert done.returncode == 0, done.stdout + done.stderr
     return run
+
+
+@pytest.fixture(scope="module")
+def test_network():
+    """A network of namespaces for one test module (``tests/netns.py``): the SuperLink and sites a, b, c, each in its
+    own namespace on a bridge; removed at the end even when a test fails. Skips, saying why, where the machine does
+    not allow network namespaces."""
+    import netns
+
+    why = netns.unavailable()
+    if why:
+        pytest.skip(why)
+    net = netns.build(["superlink", "a", "b", "c"])
+    try:
+        yield net
+    finally:
+        net.close()

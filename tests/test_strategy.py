@@ -139,3 +139,31 @@ def test_quorum_is_awaited_then_the_run_ends_with_a_clear_message():
     with pytest.raises(QuorumError, match="Only 1 of the required 3 sites"):
         wait_for_quorum(_Grid([7]), 3, 0.3, poll=0.05)
     assert 0.25 < time.monotonic() - start < 2.0  # bounded: never a hang
+
+
+class _NodesGrid:
+    """The part of Flower's Grid a strategy's configure_train uses: the connected nodes (a transport stand-in)."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def test_a_site_that_stopped_heartbeating_is_named_in_the_round_report(reference):
+    """When a site vanishes mid-round, the SuperLink itself answers for it ("Node Unavailable", sent from node 1):
+    the report names the site's node, found through the message the error replies to, not node 1."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    strategy = build_strategy(RunConfig(task="embedding", dp=False, min_sites=2), reference)
+    sent = list(strategy.configure_train(1, ArrayRecord(reference), ConfigRecord(), _NodesGrid([7, 8])))
+    for msg in sent:  # what the grid does when it pushes them
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+    lost = next(m for m in sent if m.metadata.dst_node_id == 8)
+    error = create_message_error_unavailable_res_message(lost.metadata, "node_unavail")
+    assert error.metadata.src_node_id == 1 and error.has_error()
+    arrays, _ = strategy.aggregate_train(1, [_reply(7, "a", _shifted(reference, 1.0)), error])
+    report = strategy.reports[1]
+    assert set(report.failed) == {"node-8"} and "Node Unavailable" in report.failed["node-8"]
+    assert set(report.sites) == {"a"} and arrays is not None
