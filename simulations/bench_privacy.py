@@ -48,6 +48,21 @@ def _completed(run_dir: Path) -> bool:
         return False
 
 
+def _train(cfg: RunConfig, run_dir: Path, *, sites: int, retrain: bool, console: Console, what: str) -> None:
+    """Run ``cfg`` on ``sites`` sites into ``run_dir`` through `facefl simulate`'s path, unless a completed run is
+    there already (and not ``retrain``); an unfinished one is removed first."""
+    import shutil
+
+    from simulations.simulate import prepare_config, simulate
+
+    if not retrain and _completed(run_dir):
+        return
+    console.print(what)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    simulate(prepare_config(cfg, num_sites=sites, out=str(run_dir)), sites)
+
+
 def _f(value: float, fmt: str) -> str:
     return "inf" if value == math.inf else format(value, fmt)
 
@@ -98,7 +113,6 @@ def goal_lines(rows: dict[str, dict], epsilons: tuple[float, ...]) -> list[str]:
 def run_privacy_bench(*, data: str, rounds: int, sites: int, epsilons: tuple[float, ...], overfit_identities: int,
                       overfit_epochs: int, out: Path, console: Console, retrain: bool = False) -> dict:
     from server.privacy_audit.audit_run import audit_run
-    from simulations.simulate import prepare_config, simulate
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -109,13 +123,8 @@ def run_privacy_bench(*, data: str, rounds: int, sites: int, epsilons: tuple[flo
     for name, cfg in privacy_rows(RunConfig(data=data, model="compact"), rounds=rounds, epsilons=epsilons,
                                   overfit_identities=overfit_identities, overfit_epochs=overfit_epochs):
         run_dir = out / name.replace(" ", "-").replace("=", "")
-        if retrain or not _completed(run_dir):
-            console.print(f"[bold]{name}[/]: training {cfg.num_rounds} rounds x {cfg.local_epochs} local epochs")
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)
-            simulate(prepare_config(cfg, num_sites=sites, out=str(run_dir)), sites)
+        _train(cfg, run_dir, sites=sites, retrain=retrain, console=console,
+               what=f"[bold]{name}[/]: training {cfg.num_rounds} rounds x {cfg.local_epochs} local epochs")
         console.print(f"[bold]{name}[/]: auditing {run_dir}")
         audit = audit_run(run_dir)
         last = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["global"]
@@ -197,7 +206,6 @@ def run_canary_bench(*, data: str, rounds: int, scratch_rounds: int, sites: int,
                      recipes: tuple[str, ...] = ("pretrained", "scratch")) -> dict:
     """Train (or reuse) the canary runs, audit each, print the table and the goals; ``<out>/bench-canaries.json``."""
     from server.privacy_audit.canaries import canary_audit
-    from simulations.simulate import prepare_config, simulate
 
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -207,13 +215,8 @@ def run_canary_bench(*, data: str, rounds: int, scratch_rounds: int, sites: int,
     for name, cfg in canary_rows(data, rounds=rounds, scratch_rounds=scratch_rounds, epsilons=epsilons,
                                  gradients=gradients, inputs=inputs, recipes=recipes):
         run_dir = out / name.replace(" ", "-").replace("=", "")
-        if retrain or not _completed(run_dir):
-            console.print(f"[bold]{name}[/]: training {cfg.num_rounds} rounds, {cfg.model}")
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)
-            simulate(prepare_config(cfg, num_sites=sites, out=str(run_dir)), sites)
+        _train(cfg, run_dir, sites=sites, retrain=retrain, console=console,
+               what=f"[bold]{name}[/]: training {cfg.num_rounds} rounds, {cfg.model}")
         audit = canary_audit(run_dir)
         last = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["global"]
         report["rows"][name] = {"run_dir": str(run_dir), "canaries": audit,

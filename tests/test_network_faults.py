@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MARK, patience
+from test_deployment_e2e import SITES, _site_data  # the same six LFW people per site
 
 from client.privacy import PrivacyLedger
 from client.site import RECEIVED_FILE
@@ -41,8 +42,6 @@ from server.deployment.superlink import list_nodes, write_flwr_config
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-SITES = ("a", "b", "c")
-PEOPLE_PER_SITE = 6
 PORT = 8000  # the deployment's own port: every host has its own network stack, nothing else listens there
 BINDIR = Path(sys.executable).parent
 HEARTBEAT_LAPSE = 60.0  # Flower 1.42: HEARTBEAT_PATIENCE (2) x HEARTBEAT_DEFAULT_INTERVAL (30 s)
@@ -100,22 +99,6 @@ def _wait_for(condition, timeout: float, what: str, *logs: Path, poll: float = 0
             tails = "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-4000:]}" for p in logs if p.exists())
             pytest.fail(f"{what} (after {timeout:g} s)\n{tails}")
         time.sleep(poll)
-
-
-def _site_data(lfw_root: Path, dest: Path) -> dict[str, Path]:
-    """Six LFW people of peopleDevTrain.txt with exactly 4 photos per site, distinct across sites (as in
-    test_deployment_e2e)."""
-    lines = (lfw_root / "peopleDevTrain.txt").read_text().splitlines()[1:]
-    people = sorted(name for name, count in (line.split("\t") for line in lines if "\t" in line)
-                    if int(count) == 4 and len(list((lfw_root / name).glob("*.jpg"))) == 4)
-    folders = {}
-    for i, site in enumerate(SITES):
-        folder = dest / site
-        folder.mkdir(parents=True)
-        for name in people[i * PEOPLE_PER_SITE:(i + 1) * PEOPLE_PER_SITE]:
-            (folder / name).symlink_to(lfw_root / name, target_is_directory=True)
-        folders[site] = folder
-    return folders
 
 
 def _audit(run_dir: Path, event: str) -> list[dict]:
