@@ -103,7 +103,7 @@ def test_only_approved_apps_run_and_a_changed_byte_is_refused_before_import(fed,
     node_ids = _node_ids(fed)
     _wait_for(lambda: all(_nodes(fed).get(node_ids[s]) == "online" for s in SITES)
               or any(p.poll() is not None for p in fed.sites.values()), 120, "the sites did not connect",
-              *outs.values())
+              *outs.values(), poll=3)
     for s in APPROVING:
         assert "RUNS ANY APP THE SERVER SENDS" in outs[s].read_text()
     assert "requires approved apps but none is approved yet" in outs["c"].read_text()

@@ -102,15 +102,17 @@ def _leftover_processes() -> list[str]:
     return [f"{pid}: {cmdline[:160]}" for pid, cmdline in marked_processes(MARK).items()]
 
 
-def _wait_for(condition, timeout: float, what: str, *logs: Path) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds of a quiet machine (times PATIENCE)."""
+def _wait_for(condition, timeout: float, what: str, *logs: Path, poll: float = 0.5) -> None:
+    """Poll ``condition`` every ``poll`` s until it holds; fail after ``timeout`` seconds of a quiet machine (times
+    PATIENCE). A condition that asks the SuperLink through the `flwr` CLI starts a Python process (about a second of
+    CPU) each time: poll those every few seconds."""
     timeout = patience(timeout)
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-4000:]}" for p in logs if p.exists())
             pytest.fail(f"{what} (after {timeout:g} s)\n{tails}")
-        time.sleep(0.5)
+        time.sleep(poll)
 
 
 def _site_data(lfw_root: Path, dest: Path) -> dict[str, Path]:
@@ -267,7 +269,8 @@ def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root):
     site_procs = list(federation.sites.values())
     node_ids = _node_ids(federation)
     _wait_for(lambda: all(_nodes(federation).get(node_ids[s]) == "online" for s in SITES)
-              or any(p.poll() is not None for p in site_procs), 120, "the sites did not connect", *outs.values())
+              or any(p.poll() is not None for p in site_procs), 120, "the sites did not connect", *outs.values(),
+              poll=3)
     assert all(p.poll() is None for p in site_procs), {s: outs[s].read_text()[-2000:] for s in SITES}
     assert all("connected to the SuperLink" in outs[s].read_text() for s in SITES)
 
@@ -280,8 +283,10 @@ def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root):
         lines = path.read_text().splitlines() if path.exists() else []
         return [json.loads(line) for line in lines if '"round-results"' in line]
 
-    _wait_for(lambda: round_results() or run_status(federation.root, federation.state, federation.run_id)["status"]
-              .startswith("finished"), 300, "round 1 did not complete", federation.superlink_out, *outs.values())
+    polls = iter(range(10**9))  # the audit log every 0.5 s; the run's status (a `flwr` process) every 5 s
+    _wait_for(lambda: round_results() or (next(polls) % 10 == 9 and run_status(
+        federation.root, federation.state, federation.run_id)["status"].startswith("finished")), 300,
+        "round 1 did not complete", federation.superlink_out, *outs.values())
     logs = run_logs(federation.root, federation.state, federation.run_id)
     assert round_results(), logs[-4000:]
     assert "[ROUND 1/2]" in logs
@@ -372,7 +377,7 @@ def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lf
     runs_after = {r["run-id"] for r in flwr_json(federation.state, "list", CONNECTION)["runs"]}
     assert {r["run-id"] for r in runs_before} <= runs_after
     _wait_for(lambda: all(_nodes(federation).get(node_ids[s]) == "online" for s in SITES), 120,
-              "the sites did not reconnect", out, *outs.values())
+              "the sites did not reconnect", out, *outs.values(), poll=3)
     assert all(p.poll() is None for p in procs.values()), {s: outs[s].read_text()[-2000:] for s in SITES}
 
     # The next round, resumed and securely aggregated; site c is killed (its whole tree) as it starts.
@@ -381,10 +386,10 @@ def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lf
         lfw_root, tmp, **{"num-rounds": nxt, "min-sites": 2, "resume-from": str(run_dir), "secure-aggregation": True,
                           "round-timeout": patience(60), "secagg-timeout": patience(15)}))
     _wait_for(lambda: "[ROUND 1/1] (secure aggregation" in run_logs(federation.root, federation.state, run_id), 120,
-              f"round {nxt} did not start", out)
+              f"round {nxt} did not start", out, poll=1)
     time.sleep(2)
     _kill_tree(procs["c"])
-    status = wait_run(federation.root, federation.state, run_id, timeout=patience(240), poll=2)
+    status = wait_run(federation.root, federation.state, run_id, timeout=patience(240), poll=5)
     logs = run_logs(federation.root, federation.state, run_id)
     assert status == "finished:completed", logs[-4000:]
     assert "Secure aggregation completed" in logs, logs[-4000:]

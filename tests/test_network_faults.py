@@ -205,7 +205,7 @@ def test_a_site_partitioned_in_round_2_rejoins_and_its_ledger_counts_what_it_tra
     time.sleep(max(0.0, round_timeout + 10 - (time.monotonic() - cut)))  # the partition outlasts the round timeout
     assert _audit(run_dir, "round-results")[-1]["data"]["round"] == 2  # round 3 waits for min-sites=3
     net.heal("c")
-    status = wait_run(netfed.root, netfed.operator, run_id, timeout=patience(300), poll=2)
+    status = wait_run(netfed.root, netfed.operator, run_id, timeout=patience(300), poll=5)
     text = run_logs(netfed.root, netfed.operator, run_id)
     assert status == "finished:completed", text[-4000:]
 
