@@ -254,7 +254,7 @@ def test_a_supernode_without_tls_cannot_connect(federation):
 
 
 @pytest.mark.slow
-def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root):
+def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root, cache_dir):
     tmp = federation.tmp
     data = _site_data(lfw_root, tmp / "data")
     states = {s: tmp / "site-state" / s for s in SITES}
@@ -275,7 +275,7 @@ def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root):
     assert all("connected to the SuperLink" in outs[s].read_text() for s in SITES)
 
     run_dir = tmp / "run"
-    federation.run_id = start_run(federation.root, federation.state, REPO, _run_config(lfw_root, tmp))
+    federation.run_id = start_run(federation.root, federation.state, REPO, _run_config(lfw_root, tmp, cache_dir))
 
     # Round 1 completes (checkpoint, metrics, audit entry); the test after this one kills the SuperLink in round 2.
     def round_results() -> list[dict]:
@@ -316,11 +316,12 @@ def _node_ids(fed: Federation) -> dict[str, int]:
     return {s: int(e["node_id"]) for s, e in json.loads((fed.state / "nodes.json").read_text())["nodes"].items()}
 
 
-def _run_config(lfw_root: Path, tmp: Path, **changes) -> dict:
-    """The deployment runs' config: a small DP run whose budget is planned over 3 rounds."""
+def _run_config(lfw_root: Path, tmp: Path, cache_dir: Path, **changes) -> dict:
+    """The deployment runs' config: a small DP run whose budget is planned over 3 rounds. The server's evaluation
+    faces come from the test session's face cache (the sites keep their own, in their state folders)."""
     return {"task": "embedding", "model": "compact", "validation-people": 0, "data": str(lfw_root), "num-rounds": 2, "min-sites": 3, "dp": True,
             "target-epsilon": 50, "accountant": "rdp", "batch-size": 16, "eval-pairs": 100, "eval-faces": 16,
-            "run-dir": str(tmp / "run"), "cache-dir": str(tmp / "cache"), "round-timeout": patience(120),
+            "run-dir": str(tmp / "run"), "cache-dir": str(cache_dir), "round-timeout": patience(120),
             "planned-rounds": 3,
             **changes}
 
@@ -346,7 +347,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lfw_root):
+def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lfw_root, cache_dir):
     """The run of test_three_sites_train_a_dp_run_over_tls is in round 2 when the SuperLink's whole process tree
     (with the ServerApp) is SIGKILLed. Started again on the same state, it keeps its registrations and past runs, and
     the sites reconnect on their own. A run resumed from the checkpoint continues from the last completed round,
@@ -383,7 +384,7 @@ def test_a_killed_superlink_and_a_killed_site_do_not_lose_the_run(federation, lf
     # The next round, resumed and securely aggregated; site c is killed (its whole tree) as it starts.
     nxt = done + 1
     run_id = start_run(federation.root, federation.state, REPO, _run_config(
-        lfw_root, tmp, **{"num-rounds": nxt, "min-sites": 2, "resume-from": str(run_dir), "secure-aggregation": True,
+        lfw_root, tmp, cache_dir, **{"num-rounds": nxt, "min-sites": 2, "resume-from": str(run_dir), "secure-aggregation": True,
                           "round-timeout": patience(60), "secagg-timeout": patience(15)}))
     _wait_for(lambda: "[ROUND 1/1] (secure aggregation" in run_logs(federation.root, federation.state, run_id), 120,
               f"round {nxt} did not start", out, poll=1)

@@ -175,7 +175,7 @@ def test_the_sites_reach_the_superlink_by_its_network_address_over_tls(netfed):
     assert all(nodes[ids[s]] == "online" for s in SITES), nodes
 
 
-def test_a_site_partitioned_in_round_2_rejoins_and_its_ledger_counts_what_it_trained(netfed, lfw_root):
+def test_a_site_partitioned_in_round_2_rejoins_and_its_ledger_counts_what_it_trained(netfed, lfw_root, cache_dir):
     """Site c is cut off right after it received round 2's model, for longer than the round's timeout. Round 2
     completes with a and b (Flower reports c unavailable once its heartbeat lapses); round 3 waits for min-sites=3
     until c is back; c trains round 3 with the others. c's ledger holds exactly what it trained: rounds 1, 2 (it
@@ -186,7 +186,7 @@ def test_a_site_partitioned_in_round_2_rejoins_and_its_ledger_counts_what_it_tra
     config = {"task": "embedding", "model": "compact", "validation-people": 0, "data": str(lfw_root),
               "num-rounds": 3, "min-sites": 3, "dp": True, "target-epsilon": 50, "accountant": "rdp",
               "batch-size": 16, "eval-pairs": 100, "eval-faces": 16, "run-dir": str(run_dir),
-              "cache-dir": str(tmp / "cache"), "round-timeout": round_timeout, "quorum-timeout": patience(300),
+              "cache-dir": str(cache_dir), "round-timeout": round_timeout, "quorum-timeout": patience(300),
               "planned-rounds": 4}
     run_id = start_run(netfed.root, netfed.operator, REPO, config)
     logs = [netfed.outs["superlink"], *(netfed.outs[s] for s in SITES)]
