@@ -22,8 +22,8 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 # the federated_run fixture. The longest units are handed out first; the deployment tests mostly wait on real
 # processes, so the other worker's tests run meanwhile.
 _SHARED_UNITS = {"test_federation.py": "federation", "test_report.py": "federation"}
-_LONGEST_FIRST = ("test_network_faults.py", "test_federation.py", "test_report.py", "test_deployment_e2e.py",
-                  "test_privacy_audit.py", "test_app_approval_e2e.py", "test_many_sites.py", "test_ray_cluster.py", "test_round_guard.py")
+_LONGEST_FIRST = ("test_deployment_e2e.py", "test_federation.py", "test_report.py", "test_app_approval_e2e.py",
+                  "test_privacy_audit.py", "test_many_sites.py", "test_ray_cluster.py", "test_round_guard.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
