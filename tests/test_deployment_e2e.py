@@ -4,6 +4,7 @@ be turned away (an unregistered key, no TLS). Every process is real and started 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -283,8 +284,8 @@ def test_three_sites_train_a_dp_run_over_tls(federation, lfw_root, cache_dir):
         lines = path.read_text().splitlines() if path.exists() else []
         return [json.loads(line) for line in lines if '"round-results"' in line]
 
-    polls = iter(range(10**9))  # the audit log every 0.5 s; the run's status (a `flwr` process) every 5 s
-    _wait_for(lambda: round_results() or (next(polls) % 10 == 9 and run_status(
+    polls = itertools.count(1)  # the audit log every 0.5 s; the run's status (a `flwr` process) every 5 s
+    _wait_for(lambda: round_results() or (next(polls) % 10 == 0 and run_status(
         federation.root, federation.state, federation.run_id)["status"].startswith("finished")), 300,
         "round 1 did not complete", federation.superlink_out, *outs.values())
     logs = run_logs(federation.root, federation.state, federation.run_id)

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import MARK, patience
-from test_deployment_e2e import SITES, _site_data  # the same six LFW people per site
+from test_deployment_e2e import SITES, _site_data, _wait_for  # the same six LFW people per site
 
 from client.privacy import PrivacyLedger
 from client.site import RECEIVED_FILE
@@ -88,17 +88,6 @@ def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
             proc.wait(timeout=wait)
         except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
             pass
-
-
-def _wait_for(condition, timeout: float, what: str, *logs: Path, poll: float = 0.5) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (times PATIENCE) with the logs' tails."""
-    timeout = patience(timeout)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-4000:]}" for p in logs if p.exists())
-            pytest.fail(f"{what} (after {timeout:g} s)\n{tails}")
-        time.sleep(poll)
 
 
 def _audit(run_dir: Path, event: str) -> list[dict]:
