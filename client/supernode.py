@@ -177,6 +177,11 @@ def run_site(deployment_dir: str | Path, site: str, *, data: str | Path | None =
         hint = _site_hint(child.tail()) if code else ""
         if hint:
             say(hint)
+        if code == 0 and not child.stopped_by_signal:
+            if "Giving up reconnection" in child.tail():  # --max-retries / --max-wait-time ran out
+                say(_site_hint(child.tail()))
+                return 1
+            return _stopped_on_its_own(settings)
         return code
 
 
@@ -275,6 +280,30 @@ def _site_watcher(settings: SiteSettings) -> Callable[[str], None]:
             seen["connected"] = True
             say(f"site {settings.name} connected to the SuperLink at {settings.superlink}")
     return on_line
+
+
+EXIT_STOPPED_BY_SUPERLINK = 3
+
+
+def _stopped_on_its_own(settings: SiteSettings) -> int:
+    """flower-supernode exited with status 0 although nobody stopped it. Flower 1.42's SuperNode does this when the
+    SuperLink refuses it mid-run (HTTP 401 on its next request: its key was unregistered, as a revocation does), and
+    prints nothing but "SuperNode terminated gracefully". Say so, record it in the site's audit log, and exit
+    non-zero, so that a service manager or an operator sees that this site is out."""
+    from common.audit import AuditLog
+
+    message = (f"site {settings.name} is no longer connected: its SuperNode stopped on its own, which Flower's "
+               "SuperNode does when the SuperLink refuses this site's key (the operator revoked or unregistered "
+               "the site). Ask the federation's operator: `facefl deploy status` lists revoked sites, with who "
+               "revoked them and when.")
+    say(message)
+    try:
+        AuditLog(settings.state / "audit.jsonl", actor=f"site:{settings.name}").append(
+            "site-stopped", reason="the SuperNode stopped on its own (refused by the SuperLink)",
+            superlink=settings.superlink)
+    except (OSError, ValueError) as exc:
+        say(f"could not record it in the site's audit log: {exc}")
+    return EXIT_STOPPED_BY_SUPERLINK
 
 
 def _site_hint(tail: str) -> str:

@@ -43,6 +43,7 @@ class ChildProcess:
     def __init__(self, name: str, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, log_path: Path,
                  echo: bool, on_line: Callable[[str], None] | None = None) -> None:
         self.name = name
+        self.stopped_by_signal = False  # set by run_in_foreground: stopped because this process got a signal
         self._lines: collections.deque[str] = collections.deque(maxlen=200)
         self.echo, self._on_line = echo, on_line
         self._known: dict[int, int] = {}  # pid -> start time of every process seen under the child
@@ -183,6 +184,7 @@ def run_in_foreground(child: ChildProcess, on_hup: Callable[[], None] | None = N
         child.stop(grace=1.0 if received else STOP_GRACE_S)
         for signum, old in previous.items():
             signal.signal(signum, old)
+    child.stopped_by_signal = bool(received)
     if received:
         say(f"stopped {child.name} ({signal.Signals(received[0]).name})")
         return 0

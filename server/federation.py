@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from common.audit import AuditLog, app_hash
+from common.audit import AuditError, AuditLog, app_hash
 from common.config import RunConfig
 from common.data.sources import eval_data, validation_data
 from common.models.federated import build_models
@@ -16,7 +16,7 @@ from common.weights import default_cache_dir
 from server.evaluate import evaluate_global
 from server.face_judge import load_face_judge
 from server.round_guard import RoundGuard
-from server.rundir import RunDirectory, default_run_dir
+from server.rundir import DiskFullError, RunDirectory, default_run_dir, is_disk_full
 from server.secure_rounds import run_secure_rounds
 from server.strategy import build_strategy
 from server.tracking import start_tracking
@@ -95,9 +95,7 @@ def run_federation(grid, cfg: RunConfig) -> Path:
     try:
         tracker = start_tracking(cfg, run.path)
     except Exception as exc:  # an unreachable tracking server: the run ends before its first round, and says why
-        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        audit.append("run-finished", status="failed", error=f"{type(exc).__name__}: {exc}",
-                     completed_rounds=run.metrics["run"].get("completed_rounds", 0))
+        _record_failure(run, audit, None, f"{type(exc).__name__}: {exc}")
         raise
     state = checkpoint["state_dict"] if checkpoint else reference
     if checkpoint:
@@ -128,11 +126,13 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         strategy.load_server_state(checkpoint["server_state"])
     state_root = Path(cfg.state_dir) if cfg.state_dir else run.path / "sites"
     timer = {"t": time.perf_counter()}
+    writing = {"round": start_round + 1}  # the round whose results are being produced (for a disk-full message)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         absolute = server_round + start_round
         if server_round == 0 and start_round > 0:
             return None  # this state was evaluated before the interruption
+        writing["round"] = absolute
         current = arrays.to_torch_state_dict()
         models.load_state_dict(current)
         metrics = evaluate_global(models, data, judge)
@@ -147,6 +147,7 @@ def run_federation(grid, cfg: RunConfig) -> Path:
         log.info("facefl %s", summarize(absolute, cfg.num_rounds, metrics, run.metrics["privacy"], seconds,
                                         report.guard if report is not None else None))
         timer["t"] = time.perf_counter()
+        writing["round"] = absolute + 1
         return MetricRecord(metrics)
 
     train_config = ConfigRecord({"state-root": str(state_root.resolve())})
@@ -157,14 +158,40 @@ def run_federation(grid, cfg: RunConfig) -> Path:
             strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=remaining,
                            timeout=cfg.round_timeout, train_config=train_config, evaluate_fn=evaluate_fn)
     except BaseException as exc:
-        run.finish("failed", error=f"{type(exc).__name__}: {exc}")
-        audit.append("run-finished", status="failed", error=f"{type(exc).__name__}: {exc}",
-                     completed_rounds=run.metrics["run"].get("completed_rounds", 0))
-        if tracker is not None:
-            tracker.finish("failed")
-        raise
+        if not is_disk_full(exc):
+            _record_failure(run, audit, tracker, f"{type(exc).__name__}: {exc}")
+            raise
+        # A full disk: every write that follows may fail as well. Each record of the failure is tried on its
+        # own; what was written before stays as it was (every file is replaced atomically, audit lines whole).
+        message = run.disk_full_message(writing["round"], resume_hint(run.path))
+        log.error("facefl %s", message)
+        rounds = run.checkpoint_rounds()
+        run.metrics["run"]["completed_rounds"] = rounds[-1] if rounds else 0
+        _record_failure(run, audit, tracker, message)
+        raise DiskFullError(message) from exc
     run.finish()
     if tracker is not None:
         tracker.finish()
     audit.append("run-finished", status="completed", completed_rounds=run.metrics["run"].get("completed_rounds", 0))
     return run.path
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How a stopped run continues, in a simulation and in a deployment."""
+    return (f"`facefl simulate --resume {run_dir}`, or in a deployment `flwr run` with "
+            f"--run-config \"resume-from='{run_dir}'\".")
+
+
+def _record_failure(run: RunDirectory, audit: AuditLog, tracker, error: str) -> None:
+    """Mark the run failed in metrics.json, the audit log and MLflow; a step that cannot be written (a full disk)
+    is logged and skipped, so the run's own error is the one raised."""
+    steps = [("metrics.json", lambda: run.finish("failed", error=error)),
+             ("the audit log", lambda: audit.append("run-finished", status="failed", error=error,
+                                                    completed_rounds=run.metrics["run"].get("completed_rounds", 0)))]
+    if tracker is not None:
+        steps.append(("MLflow", lambda: tracker.finish("failed")))
+    for what, step in steps:
+        try:
+            step()
+        except (OSError, AuditError) as exc:
+            log.warning("facefl could not record the failure in %s: %s", what, exc)

@@ -7,8 +7,10 @@ Every file is written atomically, so an interrupted run leaves the last complete
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,30 @@ _CKPT = re.compile(r"round-(\d{4,})\.pt$")
 
 class RunDirError(ValueError):
     """A folder is not a facefl run directory, or cannot be resumed."""
+
+
+class DiskFullError(RuntimeError):
+    """The disk holding a run directory filled up while the run wrote to it; the run stopped there."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from (an audit log's error wraps the OSError), is a full disk
+    or an exhausted quota (ENOSPC, EDQUOT)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_space(path: str | Path) -> str:
+    """The free space on the disk holding ``path``, for a message ("12.3 MB"; "unknown" when it cannot be read)."""
+    try:
+        return f"{shutil.disk_usage(path).free / 1e6:.1f} MB"
+    except OSError:
+        return "unknown"
 
 
 def environment_info() -> dict[str, str]:
@@ -136,6 +162,20 @@ class RunDirectory:
             "server_state": server_state,
         })
         return path
+
+    def checkpoint_rounds(self) -> list[int]:
+        """The rounds with a checkpoint file, in order (not loaded: see :meth:`latest_checkpoint`)."""
+        folder = self.path / CHECKPOINT_DIR
+        return sorted(int(m.group(1)) for p in folder.glob("round-*.pt") if (m := _CKPT.search(p.name))) \
+            if folder.exists() else []
+
+    def disk_full_message(self, failed_round: int, resume_hint: str) -> str:
+        """What to say when the disk filled while round ``failed_round``'s results were written."""
+        rounds = self.checkpoint_rounds()
+        kept = (f"the checkpoint of round {rounds[-1]} is intact" if rounds else "no round was checkpointed yet")
+        return (f"The disk holding the run directory {self.path} is full ({free_space(self.path)} free): round "
+                f"{failed_round}'s results could not be written, so the run stopped; {kept}. Free space on that "
+                f"disk, then continue the run: {resume_hint}")
 
     def latest_checkpoint(self) -> dict | None:
         folder = self.path / CHECKPOINT_DIR

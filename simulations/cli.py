@@ -883,7 +883,9 @@ def morph(
 def main() -> None:
     """Console-script entry point: known errors become one line on stderr and exit status 2. facefl's own errors
     (ConfigError, DataError, RunDirError, PrivacyBudgetError, StyleError, ...) are ValueErrors, so nothing is imported
-    here for them: a command that fails on its arguments answers in a fraction of a second, before torch loads."""
+    here for them: a command that fails on its arguments answers in a fraction of a second, before torch loads. A
+    federation that stops on its own failure (``DiskFullError``, ``QuorumError``: RuntimeErrors of facefl's modules)
+    prints its one-line message and exits with status 1."""
     try:
         app()
     except (ValueError, FileNotFoundError, KeyError) as exc:
@@ -892,6 +894,12 @@ def main() -> None:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as exc:  # a running federation's own failure (a full disk, no quorum): its message says it all
+        if type(exc).__module__.split(".")[0] not in ("server", "client", "common", "simulations") or \
+                os.environ.get("FACEFL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         hint = " Completed rounds are checkpointed: resume with --resume RUN_DIR." if sys.argv[1:2] == ["simulate"] \
             else ""

@@ -16,6 +16,9 @@ from typing import Optional
 
 import typer
 
+_BY_HELP = ("Who is acting, for the deployment's audit log (DIR/audit.jsonl): a name or an e-mail (default: this "
+            "machine's user@host).")
+
 deploy_app = typer.Typer(no_args_is_help=True,
                          help="Multi-site deployment: certificates and keys for a SuperLink and its sites.")
 
@@ -51,11 +54,12 @@ def init(
 def add_site_cmd(
     name: str = typer.Argument(..., help="New site name: lowercase letters, digits and hyphens."),
     deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init`."),
+    by: Optional[str] = typer.Option(None, "--by", help=_BY_HELP),
 ) -> None:
     """Add a site: a new authentication key, its bundle and its SuperLink allow-list entry."""
     from server.deployment.provision import add_site, load_deployment
 
-    bundle = add_site(deployment, name)
+    bundle = add_site(deployment, name, by=by)
     dep = load_deployment(deployment)
     typer.echo(f"Added site {name}: give {bundle}/ to that site only. A running `facefl superlink` registers it "
                f"on SIGHUP (or restart it); by hand: flwr supernode register {dep.allow_list()[name]} facefl "
@@ -66,13 +70,17 @@ def add_site_cmd(
 def revoke_site_cmd(
     name: str = typer.Argument(..., help="Site to revoke."),
     deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init`."),
+    by: Optional[str] = typer.Option(None, "--by", help=_BY_HELP),
+    reason: str = typer.Option("", "--reason", help="Why, for the audit log (e.g. 'left the consortium')."),
 ) -> None:
-    """Revoke a site: remove it from the allow-list, delete its private key, and never reuse its name."""
+    """Revoke a site: remove it from the allow-list, delete its private key, and never reuse its name. The
+    deployment's audit log (DIR/audit.jsonl) records who revoked it, when and why."""
     from server.deployment.provision import revoke_site
 
-    revoke_site(deployment, name)
-    typer.echo(f"Revoked site {name}. A running `facefl superlink` unregisters its node on SIGHUP (or restart "
-               "it); until then the site can still connect.")
+    entry = revoke_site(deployment, name, by=by, reason=reason)
+    typer.echo(f"Revoked site {name} at {entry['revoked_at']} by {entry['revoked_by']}. A running `facefl "
+               "superlink` unregisters its node on SIGHUP (kill -HUP its pid; or restart it), which disconnects it "
+               "and refuses its next connection; a run in progress goes on with the other sites.")
 
 
 @deploy_app.command("sign-app")

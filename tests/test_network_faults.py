@@ -18,6 +18,7 @@ round waits (``wait_for_quorum``, up to ``quorum-timeout``) until ``min-sites`` 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -45,6 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 PORT = 8000  # the deployment's own port: every host has its own network stack, nothing else listens there
 BINDIR = Path(sys.executable).parent
 HEARTBEAT_LAPSE = 60.0  # Flower 1.42: HEARTBEAT_PATIENCE (2) x HEARTBEAT_DEFAULT_INTERVAL (30 s)
+SMALL_DISK = "32m"  # the server's run directory in the disk-full test: room for a few of the model's checkpoints
+# Every run on this federation's sites adds to their ledgers (a site's budget is cumulative across runs, and its
+# noise multiplier is fixed at the first round it trains from the planned rounds): all tests plan for all of them.
+TARGET_EPSILON, PLANNED_ROUNDS = 50, 12
 
 
 @dataclass
@@ -56,6 +61,7 @@ class NetFederation:
     tmp: Path
     data: dict[str, Path]
     states: dict[str, Path]
+    small_disk: Path  # a small tmpfs mounted before the SuperLink started (its namespace sees the same disk)
     outs: dict[str, Path] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -114,8 +120,13 @@ def netfed(test_network, tmp_path_factory, lfw_root) -> NetFederation:
     dep = init_deployment(tmp / "dep", host, list(SITES))  # the certificate names the namespace address
     state = dep.superlink_dir / "state"
     fed = NetFederation(net, dep.root, state, tmp / "operator", tmp, _site_data(lfw_root, tmp / "data"),
-                        {s: tmp / "site-state" / s for s in SITES})
+                        {s: tmp / "site-state" / s for s in SITES}, tmp / "small-disk")
     write_flwr_config(dep, fed.operator, f"{host}:{PORT}")  # the operator dials the SuperLink over the bridge
+    # Mounted before the SuperLink starts: `ip netns exec` gives it a copy of this mount table (this machine's
+    # mounts do not propagate), so a disk mounted later would not exist there.
+    fed.small_disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK},mode=0700", "facefl-test-disk",
+                    str(fed.small_disk)], check=True, capture_output=True, timeout=30)
     try:
         fed.outs["superlink"] = tmp / "superlink.out"
         fed.procs["superlink"] = _start(net, "superlink", [sys.executable, "-m", "simulations.deploy_cli",
@@ -144,6 +155,7 @@ def netfed(test_network, tmp_path_factory, lfw_root) -> NetFederation:
         while net.processes() and time.monotonic() < deadline:
             time.sleep(0.5)
         left = [f"{pid}: {cmd}" for pid, cmd in net.processes().items()]
+        subprocess.run(["umount", "-l", str(fed.small_disk)], capture_output=True, timeout=30)
         assert not left, "processes left running in the test network:\n" + "\n".join(left)
 
 
@@ -173,10 +185,10 @@ def test_a_site_partitioned_in_round_2_rejoins_and_its_ledger_counts_what_it_tra
     run_dir = tmp / "run"
     round_timeout = max(HEARTBEAT_LAPSE + 30, patience(30))  # Flower's heartbeat lapse ends round 2 first
     config = {"task": "embedding", "model": "compact", "validation-people": 0, "data": str(lfw_root),
-              "num-rounds": 3, "min-sites": 3, "dp": True, "target-epsilon": 50, "accountant": "rdp",
+              "num-rounds": 3, "min-sites": 3, "dp": True, "target-epsilon": TARGET_EPSILON, "accountant": "rdp",
               "batch-size": 16, "eval-pairs": 100, "eval-faces": 16, "run-dir": str(run_dir),
               "cache-dir": str(cache_dir), "round-timeout": round_timeout, "quorum-timeout": patience(300),
-              "planned-rounds": 4}
+              "planned-rounds": PLANNED_ROUNDS}
     run_id = start_run(netfed.root, netfed.operator, REPO, config)
     logs = [netfed.outs["superlink"], *(netfed.outs[s] for s in SITES)]
     _wait_for(lambda: _received_round(netfed.states["c"]) >= 2 or
@@ -224,7 +236,7 @@ def test_a_site_partitioned_in_round_2_rejoins_and_its_ledger_counts_what_it_tra
         # never arrived (its data was used), and the steps add up to the mechanisms accounted.
         assert [r["round"] for r in trained] == [r["round"] for r in logged] == [1, 2, 3], (s, ledger.rounds)
         assert ledger.total_steps == sum(r["steps"] for r in trained)
-        assert abs(trained[-1]["epsilon"] - ledger.spent) < 1e-9 and ledger.spent <= 50 + 1e-6
+        assert abs(trained[-1]["epsilon"] - ledger.spent) < 1e-9 and ledger.spent <= TARGET_EPSILON + 1e-6
         assert rounds[3]["sites"][s]["epsilon"] == pytest.approx(ledger.spent, rel=1e-6)
     assert netfed.procs["c"].poll() is None  # the site rode out the partition by itself
 
@@ -235,3 +247,215 @@ def test_a_site_partitioned_in_round_2_rejoins_and_its_ledger_counts_what_it_tra
     assert done.returncode == 0, done.stderr
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("  c "))
     assert str(ids["c"]) in line and "online" in line and "round 3" in line and "(1, 2, 3)" in line, done.stdout
+
+
+def _run_config(run_dir: Path, lfw_root: Path, cache_dir: Path, **changes) -> dict:
+    """The README's recipe on small data (compact model, DP, as the partition test), in ``run_dir``."""
+    return {"task": "embedding", "model": "compact", "validation-people": 0, "data": str(lfw_root),
+            "num-rounds": 2, "min-sites": 3, "dp": True, "target-epsilon": TARGET_EPSILON, "accountant": "rdp",
+            "batch-size": 16, "eval-pairs": 100, "eval-faces": 16, "run-dir": str(run_dir),
+            "cache-dir": str(cache_dir), "round-timeout": patience(300), "quorum-timeout": patience(300),
+            "planned-rounds": PLANNED_ROUNDS, **changes}
+
+
+def _trained(state: Path) -> list[dict]:
+    ledger = PrivacyLedger.load(state)
+    return [r for r in ledger.rounds if r["status"] == "trained"] if ledger is not None else []
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the disk holding ``folder`` to the last byte; returns the filler file."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):  # unbuffered: a write either lands or fails with ENOSPC
+            block = b"\0" * size
+            try:
+                while os.write(fd, block):
+                    pass
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+    assert os.statvfs(folder).f_bavail == 0
+    return filler
+
+
+def test_the_servers_disk_fills_during_a_checkpoint_the_run_stops_intact_and_resumes(netfed, lfw_root, cache_dir):
+    """The server's run directory is on a small disk, filled to the last byte as soon as round 1's checkpoint is
+    written. Round 2 trains at every site, then its results cannot be written: the run stops with one message that
+    says the disk is full, which round was lost, that round 1's checkpoint is intact and how to resume; no file is
+    half-written (metrics.json parses, the audit chain verifies, no temporary file is left). Once space is freed,
+    a run started with resume-from continues from round 1 and finishes.
+
+    What the resumed run cannot equal: a fault-free run's round 2. The sites trained round 2 twice (their privacy
+    ledgers count both: the first time their data was used, whatever became of the result), and the second time
+    started from the margin head and optimizer state each site kept after the first, so the final model differs
+    from a fault-free run's by that second pass; the DP noise of round 2 is drawn from the same seed both times."""
+    run_dir = netfed.small_disk / "run"
+    before = {s: len(_trained(netfed.states[s])) for s in SITES}
+    config = _run_config(run_dir, lfw_root, cache_dir)
+    run_id = start_run(netfed.root, netfed.operator, REPO, config)
+    logs = [netfed.outs["superlink"], *(netfed.outs[s] for s in SITES)]
+    first = run_dir / "checkpoints" / "round-0001.pt"
+    _wait_for(lambda: first.is_file(), patience(300), "round 1 was not checkpointed", *logs, poll=0.1)
+    filler = _fill(netfed.small_disk)
+    try:
+        status = wait_run(netfed.root, netfed.operator, run_id, timeout=patience(300), poll=5)
+        text = run_logs(netfed.root, netfed.operator, run_id)
+    finally:
+        filler.unlink()
+    assert status == "finished:failed", text[-4000:]
+    assert (f"The disk holding the run directory {run_dir} is full" in text
+            and "round 2's results could not be written" in text and "checkpoint of round 1 is intact" in text
+            and f"resume-from='{run_dir}'" in text), text[-4000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001.pt"]
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+    assert torch.load(first, weights_only=True)["round"] == 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run"]["status"] in ("running", "failed")  # "failed" when that write still found room
+    assert verify_log(run_dir / "audit.jsonl").ok
+    # Every site trained round 2 before the server's disk failed it: the ledgers count it.
+    assert all([r["round"] for r in _trained(netfed.states[s])[before[s]:]] == [1, 2] for s in SITES)
+
+    run_id = start_run(netfed.root, netfed.operator, REPO, {**config, "resume-from": str(run_dir)})
+    status = wait_run(netfed.root, netfed.operator, run_id, timeout=patience(300), poll=5)
+    assert status == "finished:completed", run_logs(netfed.root, netfed.operator, run_id)[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run"]["status"] == "completed" and metrics["run"]["completed_rounds"] == 2
+    assert [r["from_round"] for r in metrics["run"]["resumed"]] == [1]
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert all(set(metrics["rounds"][r]["sites"]) == set(SITES) for r in (1, 2))
+    for r in (1, 2):
+        assert torch.load(run_dir / "checkpoints" / f"round-{r:04d}.pt", weights_only=True)["round"] == r
+    server_log = verify_log(run_dir / "audit.jsonl")
+    assert server_log.ok, server_log.problems
+    events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    assert [e["data"]["resumed_after_round"] for e in events if e["event"] == "run-started"] == [0, 1]
+    heads = [e["data"] for e in events if e["event"] == "round-results"][-1]["site_audit_heads"]
+    for s in SITES:
+        ledger = PrivacyLedger.load(netfed.states[s])
+        assert [r["round"] for r in _trained(netfed.states[s])[before[s]:]] == [1, 2, 2]
+        assert ledger.total_steps == sum(r["steps"] for r in _trained(netfed.states[s]))
+        assert ledger.spent <= TARGET_EPSILON + 1e-6
+        assert metrics["rounds"][2]["sites"][s]["epsilon"] == pytest.approx(ledger.spent, rel=1e-6)
+        assert verify_log(netfed.states[s] / "audit.jsonl", expected_head=heads[s]).ok
+
+
+def test_the_superlink_cut_off_from_every_site_for_a_minute_the_sites_reconnect_and_the_run_finishes(
+        netfed, lfw_root, cache_dir):
+    """The SuperLink's host loses its link for a minute in round 2 (sites and operator cannot reach it; the
+    ServerApp, on the SuperLink's host, can). The sites keep retrying by themselves and reconnect when the link is
+    back; the rounds that lost replies record why, later rounds wait for the quorum, and the run finishes with all
+    three sites aggregated in its last round. Ledgers count exactly what each site trained."""
+    net, tmp = netfed.net, netfed.tmp
+    run_dir = tmp / "run-superlink-cut"
+    before = {s: len(_trained(netfed.states[s])) for s in SITES}
+    run_id = start_run(netfed.root, netfed.operator, REPO, _run_config(run_dir, lfw_root, cache_dir,
+                                                                       **{"num-rounds": 3}))
+    logs = [netfed.outs["superlink"], *(netfed.outs[s] for s in SITES)]
+    _wait_for(lambda: any(r["data"]["round"] >= 1 for r in _audit(run_dir, "round-results")), patience(300),
+              "round 1 did not complete", *logs, poll=0.2)
+    net.partition("superlink")
+    try:
+        time.sleep(60)
+    finally:
+        net.heal("superlink")
+    status = wait_run(netfed.root, netfed.operator, run_id, timeout=patience(400), poll=5)
+    text = run_logs(netfed.root, netfed.operator, run_id)
+    assert status == "finished:completed", text[-4000:]
+    assert all(netfed.procs[s].poll() is None for s in SITES)  # nobody restarted a site
+    ids, nodes = netfed.node_ids(), netfed.nodes()
+    assert all(nodes[ids[s]] == "online" for s in SITES), nodes
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rounds = {r["round"]: r for r in metrics["rounds"]}
+    assert set(rounds) == {0, 1, 2, 3}
+    assert set(rounds[1]["sites"]) == set(rounds[3]["sites"]) == set(SITES), rounds
+    for r in (2, 3):  # every site either replied or is recorded as failed, with Flower's reason
+        failed = {s for s in SITES if s in rounds[r]["failed"] or f"node-{ids[s]}" in rounds[r]["failed"]}
+        assert set(rounds[r]["sites"]) | failed == set(SITES), rounds[r]
+    server_log = verify_log(run_dir / "audit.jsonl")
+    assert server_log.ok, server_log.problems
+    results = {r["data"]["round"]: r["data"] for r in _audit(run_dir, "round-results")}
+    for s in SITES:
+        trained = [r["round"] for r in _trained(netfed.states[s])[before[s]:]]
+        logged = [json.loads(line)["data"]["round"] for line in
+                  (netfed.states[s] / "audit.jsonl").read_text().splitlines() if '"round-trained"' in line]
+        assert trained == logged[len(logged) - len(trained):] and trained[0] == 1 and trained[-1] == 3, (s, trained)
+        assert all(r in trained for r in (1, 3)) and s in results[3]["aggregated"]
+        assert verify_log(netfed.states[s] / "audit.jsonl", expected_head=results[3]["site_audit_heads"][s]).ok
+    for r in (1, 2, 3):
+        torch.load(run_dir / "checkpoints" / f"round-{r:04d}.pt", weights_only=True)
+
+
+def test_a_site_revoked_mid_run_is_refused_and_the_run_goes_on_with_the_rest(netfed, lfw_root, cache_dir):
+    """The operator revokes site c during round 2 (`facefl deploy revoke-site c --by ... --reason ...`, then SIGHUP
+    to `facefl superlink`). The SuperLink unregisters c's node, which disconnects it and refuses its next
+    connection; the run goes on with a and b (min-sites 2) and completes. The deployment's audit log and the
+    SuperLink's record who revoked c and when; `facefl deploy status` shows it. Last in this file: c stays out."""
+    tmp = netfed.tmp
+    run_dir = tmp / "run-revoke"
+    before = {s: len(_trained(netfed.states[s])) for s in SITES}
+    ids = netfed.node_ids()
+    run_id = start_run(netfed.root, netfed.operator, REPO, _run_config(run_dir, lfw_root, cache_dir, **{
+        "num-rounds": 3, "min-sites": 2}))
+    logs = [netfed.outs["superlink"], *(netfed.outs[s] for s in SITES)]
+    _wait_for(lambda: any(r["data"]["round"] >= 1 for r in _audit(run_dir, "round-results")), patience(300),
+              "round 1 did not complete", *logs, poll=0.2)
+    revoked = subprocess.run([sys.executable, "-m", "simulations.deploy_cli", "deploy", "revoke-site", "c",
+                              "--deployment", str(netfed.root), "--by", "dr.lee@hospital-a",
+                              "--reason", "left the consortium"],
+                             cwd=REPO, capture_output=True, text=True, timeout=patience(60))
+    assert revoked.returncode == 0 and "by dr.lee@hospital-a" in revoked.stdout, revoked.stderr
+    os.kill(netfed.procs["superlink"].pid, signal.SIGHUP)
+    out = netfed.outs["superlink"]
+    _wait_for(lambda: "unregistered site c" in out.read_text(), patience(60), "SIGHUP did not apply the revocation",
+              out)
+    status = wait_run(netfed.root, netfed.operator, run_id, timeout=patience(300), poll=5)
+    text = run_logs(netfed.root, netfed.operator, run_id)
+    assert status == "finished:completed", text[-4000:]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    rounds = {r["round"]: r for r in metrics["rounds"]}
+    assert set(rounds) == {0, 1, 2, 3} and set(rounds[1]["sites"]) == set(SITES)
+    assert set(rounds[3]["sites"]) == {"a", "b"} and not rounds[3]["failed"], rounds[3]  # c is no longer asked
+    assert netfed.nodes()[ids["c"]] == "unregistered"
+    # c trained nothing after the revocation (at most the round it was in), and its ledger holds what it trained.
+    trained_c = [r["round"] for r in _trained(netfed.states["c"])[before["c"]:]]
+    assert trained_c[0] == 1 and set(trained_c) <= {1, 2}, trained_c
+    for s in ("a", "b"):
+        assert [r["round"] for r in _trained(netfed.states[s])[before[s]:]] == [1, 2, 3]
+    assert verify_log(run_dir / "audit.jsonl").ok
+
+    # Who revoked c, when and why: in the operator's log, the SuperLink's log and its node record.
+    record = json.loads((netfed.root / "deployment.json").read_text())["revoked"]["c"]
+    assert record["revoked_by"] == "dr.lee@hospital-a" and record["reason"] == "left the consortium"
+    operator = [json.loads(line) for line in (netfed.root / "audit.jsonl").read_text().splitlines()]
+    assert verify_log(netfed.root / "audit.jsonl").ok
+    assert [(e["actor"], e["event"], e["data"]["site"]) for e in operator] == [
+        ("operator:dr.lee@hospital-a", "site-revoked", "c")]
+    superlink = [json.loads(line) for line in (netfed.state / "audit.jsonl").read_text().splitlines()]
+    assert verify_log(netfed.state / "audit.jsonl").ok
+    unregistered = [e["data"] for e in superlink if e["event"] == "site-unregistered"]
+    assert unregistered == [{"site": "c", "node_id": ids["c"], "reason": "revoked", "revoked_at": record["revoked_at"],
+                             "revoked_by": "dr.lee@hospital-a", "revoke_reason": "left the consortium"}]
+    # c's next request was refused (HTTP 401 at the SuperLink, from c's address); Flower's SuperNode then stops,
+    # and `facefl site` says why, records it in the site's audit log and exits non-zero.
+    c_address = netfed.net.address("c")
+    _wait_for(lambda: netfed.procs["c"].poll() is not None, patience(120), "site c was not refused",
+              netfed.outs["c"], out)
+    refused = [line for line in out.read_text().splitlines() if f"{c_address}:" in line and '" 401' in line]
+    assert refused, out.read_text()[-3000:]
+    assert netfed.procs["c"].returncode == 3, netfed.outs["c"].read_text()[-3000:]
+    assert "site c is no longer connected" in netfed.outs["c"].read_text()
+    stopped = [json.loads(line) for line in (netfed.states["c"] / "audit.jsonl").read_text().splitlines()
+               if '"site-stopped"' in line]
+    assert len(stopped) == 1 and verify_log(netfed.states["c"] / "audit.jsonl").ok
+    done = subprocess.run([sys.executable, "-m", "simulations.deploy_cli", "deploy", "status", "--deployment",
+                           str(netfed.root), "--run", str(run_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=patience(60))
+    assert done.returncode == 0, done.stderr
+    assert "REVOKED" in done.stdout and "by dr.lee@hospital-a (left the consortium)" in done.stdout, done.stdout
+

@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 from typer.testing import CliRunner
 
+from common.audit import verify_log
 from server.deployment import provision
 from server.deployment.provision import (ProvisionError, add_site, init_deployment, load_deployment, revoke_site,
                                          sign_fab)
@@ -189,10 +190,21 @@ def test_add_then_revoke(dep):
     assert after_add.site("d").trusted_entities.read_bytes() == dep.trusted_entities.read_bytes()
 
     old_key = dep.site("b").private_key.read_bytes()
-    revoke_site(dep.root, "b")
+    record = revoke_site(dep.root, "b", by="dr.lee@hospital-a", reason="left the consortium")
     after = load_deployment(dep.root)
     assert after.sites == ("a", "c", "d") and "b" in after.revoked
     assert after.revoked["b"]["fingerprint"] == dep.fingerprints["b"] and after.revoked["b"]["revoked_at"]
+    assert after.revoked["b"] == record and record["revoked_by"] == "dr.lee@hospital-a"
+    # The operator's audit log: who added and who revoked which key, when and why, hash-chained.
+    log = verify_log(dep.root / "audit.jsonl")
+    assert log.ok, log.problems
+    entries = [json.loads(line) for line in (dep.root / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["data"]["site"]) for e in entries] == [("site-added", "d"), ("site-revoked", "b")]
+    revoked = entries[1]
+    assert revoked["actor"] == "operator:dr.lee@hospital-a" and revoked["data"]["reason"] == "left the consortium"
+    assert revoked["data"]["fingerprint"] == dep.fingerprints["b"]
+    assert revoked["data"]["revoked_at"] == record["revoked_at"]
+    assert entries[0]["actor"].startswith("operator:") and "@" in entries[0]["actor"]  # user@host by default
     assert not (dep.allow_list_dir / "b.pub").exists()
     assert sorted(p.name for p in dep.allow_list_dir.iterdir()) == ["a.pub", "c.pub", "d.pub"]
     assert not (dep.root / "sites" / "b").exists()

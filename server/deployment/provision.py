@@ -11,6 +11,8 @@ whoever runs that part::
     DIR/app-signing/             app-signing.key, app-signing.pub
     DIR/sites/<site>/            ca.crt, supernode.key, supernode.pub, trusted-entities.yaml, site.toml
     DIR/revoked/<site>/          a revoked site's public material (its private key is deleted)
+    DIR/audit.jsonl              the operator's hash-chained log (``common/audit.py``): who added, revoked or
+                                 signed what, and when
 
 The formats are the ones Flower 1.42 reads (checked against its source):
 
@@ -59,6 +61,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.audit import AuditLog
+
 from common.deployment import (DATA_PATH_PLACEHOLDER, DEPLOYMENT_FILE, SITE_CONFIG, SUPERNODE_RUNTIME_PORT, address,
                                check_site_name)
 
@@ -78,6 +82,7 @@ _DNS_NAME_RE = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
 CONNECTION_FILE = "flwr-connection.toml"
+OPERATOR_AUDIT_FILE = "audit.jsonl"  # DIR/audit.jsonl: the operator's changes to the deployment
 SIGNING_KEY, SIGNING_PUB = "app-signing.key", "app-signing.pub"
 NODE_KEY, NODE_PUB = "supernode.key", "supernode.pub"
 TRUSTED_ENTITIES = "trusted-entities.yaml"
@@ -240,10 +245,11 @@ def init_deployment(out: str | Path, server_host: str, sites: Sequence[str],
     return load_deployment(out)
 
 
-def add_site(deployment_dir: str | Path, name: str) -> Path:
+def add_site(deployment_dir: str | Path, name: str, *, by: str | None = None) -> Path:
     """Add site ``name`` to an existing deployment: a new key pair, its bundle and its allow-list entry.
 
-    Returns the new bundle folder. Refuses an invalid name, an existing one and a revoked one.
+    Returns the new bundle folder. Refuses an invalid name, an existing one and a revoked one. ``by`` (default: this
+    machine's user@host) is recorded in the operator's audit log.
     """
     root = _deployment_root(deployment_dir)
     with _locked(root):
@@ -269,14 +275,17 @@ def add_site(deployment_dir: str | Path, name: str) -> Path:
             pub.unlink(missing_ok=True)
             shutil.rmtree(bundle if moved else staging, ignore_errors=True)
             raise
+        operator_log(root, by).append("site-added", site=name, fingerprint=entry["fingerprint"])
     return bundle
 
 
-def revoke_site(deployment_dir: str | Path, name: str) -> None:
-    """Revoke site ``name``: drop it from the allow-list, record it as revoked and delete its private key.
+def revoke_site(deployment_dir: str | Path, name: str, *, by: str | None = None, reason: str = "") -> dict:
+    """Revoke site ``name``: drop it from the allow-list, record it as revoked (when, by whom, why) and delete its
+    private key; returns the revocation record. ``by`` defaults to this machine's user@host.
 
-    The SuperLink stops accepting the site once its node is unregistered there
-    (``flwr supernode unregister <node-id>``); the name can never be added again.
+    The SuperLink stops accepting the site once its node is unregistered there (a running ``facefl superlink``
+    does it on SIGHUP: ``flwr supernode unregister <node-id>``, which also disconnects it); the name can never be
+    added again. The operator's audit log (``DIR/audit.jsonl``) records the revocation.
     """
     root = _deployment_root(deployment_dir)
     with _locked(root):
@@ -287,8 +296,9 @@ def revoke_site(deployment_dir: str | Path, name: str) -> None:
             raise ProvisionError(f"No site {name!r} in {root}; the sites are: "
                                  f"{', '.join(record['sites']) or 'none'}.")
         (root / "superlink" / "supernodes" / f"{name}.pub").unlink(missing_ok=True)
+        who = operator_name(by)
         entry = record["sites"].pop(name)
-        record["revoked"][name] = {**entry, "revoked_at": _iso(_now())}
+        record["revoked"][name] = {**entry, "revoked_at": _iso(_now()), "revoked_by": who, "reason": reason}
         _write_public(root / DEPLOYMENT_FILE, _json_bytes(record))
         bundle = root / "sites" / name
         (bundle / NODE_KEY).unlink(missing_ok=True)
@@ -298,6 +308,30 @@ def revoke_site(deployment_dir: str | Path, name: str) -> None:
             if target.exists():
                 target = target.with_name(f"{name}.{secrets.token_hex(4)}")
             os.rename(bundle, target)
+        operator_log(root, who).append("site-revoked", site=name, fingerprint=entry.get("fingerprint", ""),
+                                       reason=reason, revoked_at=record["revoked"][name]["revoked_at"])
+    return record["revoked"][name]
+
+
+def operator_name(by: str | None = None) -> str:
+    """Who is acting: ``by`` when given (an operator's name or e-mail), else this machine's ``user@host``."""
+    if by is not None:
+        if not by.strip() or "\n" in by:
+            raise ProvisionError(f"--by should name the operator on one line (a name or an e-mail), got {by!r}.")
+        return by.strip()
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no user name in this environment (a container without /etc/passwd entry)
+        user = f"uid-{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def operator_log(root: Path, by: str | None = None) -> AuditLog:
+    """The deployment operator's audit log, ``DIR/audit.jsonl``, with the acting operator as its actor."""
+    return AuditLog(root / OPERATOR_AUDIT_FILE, actor=f"operator:{operator_name(by)}")
 
 
 def load_deployment(deployment_dir: str | Path) -> Deployment:
@@ -371,7 +405,9 @@ def sign_app(deployment_dir: str | Path, app_dir: str | Path) -> tuple[Path, str
         raise ProvisionError(f"Cannot build {app} into an app bundle: {' '.join(str(exc).split())}") from None
     target = app / SIGNATURE_FILE
     _write_public(target, signature_file(fab_files(unsigned), key, record["app_signing"]["key_id"]))
-    return target, hashlib.sha256(build_fab_from_disk(app)).hexdigest()
+    sha256 = hashlib.sha256(build_fab_from_disk(app)).hexdigest()
+    operator_log(root).append("app-signed", app=str(app), sha256=sha256, key_id=record["app_signing"]["key_id"])
+    return target, sha256
 
 
 # --------------------------------------------------------------------------------------------- site bundles

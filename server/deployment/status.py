@@ -58,6 +58,8 @@ class SiteStatus:
 
     name: str
     revoked_at: str = ""  # empty while the site is active
+    revoked_by: str = ""
+    revoke_reason: str = ""
     fingerprint: str = ""
     added_at: str = ""
     node_id: int | None = None
@@ -99,6 +101,7 @@ def deployment_status(deployment_dir: str | Path, *, state: str | Path | None = 
         out.sites[name] = SiteStatus(name, fingerprint=entry.get("fingerprint", ""), added_at=entry.get("added_at", ""))
     for name, entry in record.get("revoked", {}).items():
         out.sites[name] = SiteStatus(name, revoked_at=entry.get("revoked_at", "?"),
+                                     revoked_by=entry.get("revoked_by", ""), revoke_reason=entry.get("reason", ""),
                                      fingerprint=entry.get("fingerprint", ""), added_at=entry.get("added_at", ""))
 
     state_dir = Path(state).expanduser().absolute() if state else root / "superlink" / "state"
@@ -182,7 +185,9 @@ def format_status(status: DeploymentStatus) -> str:
         lines.append(f"  {name:<14}{state:<9}{node:<22}{site.node_status:<16}{contact:<36}{aggregated:<12}"
                      f"{_ledger_text(site.ledger)}")
         if site.revoked:
-            lines.append(f"  {'':<14}revoked at {site.revoked_at}")
+            lines.append(f"  {'':<14}revoked at {site.revoked_at}" +
+                         (f" by {site.revoked_by}" if site.revoked_by else "") +
+                         (f" ({site.revoke_reason})" if site.revoke_reason else ""))
     return "\n".join(lines)
 
 

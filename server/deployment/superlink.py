@@ -8,6 +8,8 @@ unregistered (``flwr supernode unregister``, which also disconnects it). SIGHUP 
 
     STATE/superlink.db        Flower's database: registered nodes, runs (survives restarts)
     STATE/nodes.json          site name -> node id, as registered by this command (written atomically)
+    STATE/audit.jsonl         the SuperLink's hash-chained log: every site registered and unregistered (who
+                              revoked it, and when)
     STATE/superlink.log       everything flower-superlink and its ServerApps printed
     STATE/flwr-home/          FLWR_HOME of the SuperLink and of `flwr` commands for it: config.toml holds the
                               `[superlink.facefl]` connection (address and CA), installed apps go to apps/
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write_bytes
+from common.audit import AuditLog
 from common.deployment import (DEPLOYMENT_FILE, DeploymentRunError, address, check_bindable, check_port, flower_bin,
                                flower_env, flwr_home, local_address, split_address, tls_ready, toml_value)
 from common.processes import ChildProcess, exclusive, now, run_in_foreground, say, wait_until
@@ -36,6 +39,7 @@ from server.deployment.provision import CONNECTION_FILE, Deployment, load_deploy
 
 DATABASE = "superlink.db"
 NODES_FILE = "nodes.json"
+AUDIT_FILE = "audit.jsonl"
 SUPERLINK_LOG = "superlink.log"
 
 
@@ -127,10 +131,12 @@ def sync_allow_list(deployment: Deployment, state: str | Path) -> dict[str, dict
 
     Every active site without a live registration is registered (its node id recorded in ``nodes.json`` right
     away, atomically); every recorded site that is no longer active (revoked, or gone from ``deployment.json``)
-    is unregistered, which also disconnects it."""
+    is unregistered, which also disconnects it. Both are recorded in the SuperLink's audit log
+    (``STATE/audit.jsonl``), an unregistration with who revoked the site and when."""
     state = Path(state)
     record = _read_nodes(state)
     nodes: dict[str, dict] = record["nodes"]
+    audit = AuditLog(state / AUDIT_FILE, actor="superlink")
     listed = {int(n["node-id"]): n["status"] for n in flwr_json(state, "supernode", "list", CONNECTION)["nodes"]}
 
     for name, public_key in deployment.allow_list().items():
@@ -148,6 +154,8 @@ def sync_allow_list(deployment: Deployment, state: str | Path) -> dict[str, dict
         nodes[name] = {"node_id": int(out["node-id"]), "fingerprint": deployment.fingerprints.get(name, ""),
                        "registered_at": now(), "status": "registered"}
         _write_nodes(state, record)
+        audit.append("site-registered", site=name, node_id=nodes[name]["node_id"],
+                     fingerprint=nodes[name]["fingerprint"])
         say(f"registered site {name} as node {nodes[name]['node_id']}")
 
     for name, entry in nodes.items():
@@ -160,9 +168,15 @@ def sync_allow_list(deployment: Deployment, state: str | Path) -> dict[str, dict
             except DeploymentRunError as exc:
                 if "not found" not in str(exc).lower():
                     raise
+        revocation = deployment.revoked.get(name, {})
         entry.update(status="unregistered", unregistered_at=now(),
                      reason="revoked" if name in deployment.revoked else "not in the deployment")
+        if revocation:
+            entry.update(revoked_at=revocation.get("revoked_at", ""), revoked_by=revocation.get("revoked_by", ""))
         _write_nodes(state, record)
+        audit.append("site-unregistered", site=name, node_id=node_id, reason=entry["reason"],
+                     revoked_at=revocation.get("revoked_at", ""), revoked_by=revocation.get("revoked_by", ""),
+                     revoke_reason=revocation.get("reason", ""))
         say(f"unregistered site {name} (node {node_id}, {entry['reason']})")
     return nodes
 
