@@ -106,9 +106,12 @@ class SiteAwareMixin:
     round_offset: int = 0
 
     def init_facefl(self, reference: dict, round_offset: int = 0, max_update_norm: float = 0.0,
-                    min_sites: int = 1, quorum_timeout: float = 600.0) -> None:
+                    min_sites: int = 1, quorum_timeout: float = 600.0, round_timeout: float = 3600.0) -> None:
         self.round_offset = round_offset
         self.min_sites, self.quorum_timeout = int(min_sites), float(quorum_timeout)
+        self.round_timeout = float(round_timeout)
+        self._node_names: dict[int, str] = {}  # node id -> site name, from the sites' replies
+        self._sent_at = time.monotonic()
         self._reference = reference  # expected entries, shapes and dtypes of an update
         self._global = reference  # the weights sent this round (update norms are measured against them)
         self.max_update_norm = float(max_update_norm)
@@ -135,7 +138,26 @@ class SiteAwareMixin:
         # Kept: the grid gives these very messages their ids when it sends them, which names the site behind an error
         # reply the SuperLink writes itself (see failed_node).
         self._sent = list(super().configure_train(absolute, arrays, config, grid))  # type: ignore[misc]
+        self._sent_at = time.monotonic()
         return self._sent
+
+    def _note_missing(self, absolute: int, replies: list[Message], report: RoundReport) -> None:
+        """Say how long the round waited, and which sites it left out because their reply did not come within
+        ``round-timeout``: Flower returns the replies in hand when the timeout passes and drops later ones, so a
+        site on a slow link either makes it in time (the round waits for it) or is left out of that round."""
+        waited = time.monotonic() - self._sent_at
+        asked = {m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
+        answered = {self.failed_node(m) if m.has_error() else m.metadata.src_node_id for m in replies}
+        missing = sorted(asked - answered)
+        for node in missing:
+            name = self._node_names.get(node)  # known once the site has replied in an earlier round of this run
+            report.failed[name or f"node-{node}"] = (f"no reply within round-timeout ({self.round_timeout:g} s): "
+                                                     "left out of this round")
+            log.warning("round %d: %s sent no reply within round-timeout (%g s): left out of this round; a reply "
+                        "that arrives later is dropped", absolute, f"site {name} (node {node})" if name else
+                        f"node {node}", self.round_timeout)
+        log.info("round %d: %d of %d sites replied; the round waited %.0f s (round-timeout %g s)", absolute,
+                 len(answered & asked), len(asked), waited, self.round_timeout)
 
     def failed_node(self, msg: Message) -> int:
         """The node an error reply is about. A site's own error names it as the sender; an error the SuperLink writes
@@ -165,6 +187,7 @@ class SiteAwareMixin:
                 continue
             content = msg.content
             name = str(content["site"]["name"]) if "site" in content.config_records else node
+            self._node_names[msg.metadata.src_node_id] = name
             metrics = next(iter(content.metric_records.values()), None)
             if metrics is None:
                 report.rejected[name] = "reply has no metrics"
@@ -191,6 +214,7 @@ class SiteAwareMixin:
         # In the order of the sites' names, not of arrival: floating-point sums depend on the order, and replies
         # arrive in whatever order the sites finish, so only this makes a run with a fixed seed repeat bit for bit.
         usable = [msg for _, msg in sorted(usable, key=lambda pair: pair[0])]
+        self._note_missing(absolute, replies, report)
         self.reports[absolute] = report
         willing = len(replies) - len(report.refused)
         if report.refused and willing < self.min_sites:
@@ -270,5 +294,6 @@ def build_strategy(cfg: RunConfig, reference: dict, round_offset: int = 0) -> Si
         strategy = FaceFedProx(proximal_mu=cfg.proximal_mu, **common)
     else:
         strategy = FaceFedAdam(eta=cfg.server_lr, eta_l=cfg.embedding_lr, **common)
-    strategy.init_facefl(reference, round_offset, cfg.max_update_norm, cfg.min_sites, cfg.quorum_timeout)
+    strategy.init_facefl(reference, round_offset, cfg.max_update_norm, cfg.min_sites, cfg.quorum_timeout,
+                         cfg.round_timeout)
     return strategy

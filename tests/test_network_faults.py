@@ -390,6 +390,58 @@ def test_the_superlink_cut_off_from_every_site_for_a_minute_the_sites_reconnect_
         torch.load(run_dir / "checkpoints" / f"round-{r:04d}.pt", weights_only=True)
 
 
+def test_a_site_on_a_1_mbit_link_is_waited_for_within_round_timeout_and_left_out_after_it(netfed, lfw_root,
+                                                                                          cache_dir):
+    """Site c's link is limited to 1 Mbit/s both ways (tc tbf); the model is 2.8 MB, so c needs at least
+    2 x 22 s on the wire per round. With a round-timeout above that the round waits for c and aggregates all three
+    (a log line says how long it waited); with round-timeout below it, a and b are aggregated and c is left out
+    after the timeout, with a log line naming it and the reason in metrics.json. If c got to train that round, its
+    ledger counts it (its data was used) although the server never saw its update."""
+    net, tmp = netfed.net, netfed.tmp
+    from common.config import RunConfig
+    from common.models.federated import build_models
+
+    model = build_models(RunConfig.from_mapping(_run_config(tmp, lfw_root, cache_dir)))
+    update_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert update_bytes > 2_500_000  # several MB: 20 s or more at 1 Mbit/s, each way
+    on_the_wire = 2 * update_bytes * 8 / 1e6  # seconds, model down and update up, at 1 Mbit/s
+    ids = netfed.node_ids()
+    net.limit("c", rate="1mbit")
+    try:
+        outcomes = {}
+        for name, timeout in (("waits", patience(300)), ("leaves-out", on_the_wire * 0.6)):
+            run_dir = tmp / f"run-slow-{name}"
+            before = len(_trained(netfed.states["c"]))
+            run_id = start_run(netfed.root, netfed.operator, REPO, _run_config(
+                run_dir, lfw_root, cache_dir, **{"num-rounds": 1, "round-timeout": timeout}))
+            status = wait_run(netfed.root, netfed.operator, run_id, timeout=patience(400), poll=5)
+            text = run_logs(netfed.root, netfed.operator, run_id)
+            assert status == "finished:completed", text[-4000:]
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            outcomes[name] = (metrics["rounds"][1], text, before)
+    finally:
+        net.unlimit("c")
+    waited, text, before = outcomes["waits"]
+    assert set(waited["sites"]) == set(SITES) and not waited["failed"], waited
+    line = next(ln for ln in text.splitlines() if "round 1: 3 of 3 sites replied; the round waited" in ln)
+    assert float(line.split("waited ")[1].split(" s")[0]) >= on_the_wire * 0.9, line  # it did wait for c's link
+    assert [r["round"] for r in _trained(netfed.states["c"])[before:before + 1]] == [1]
+
+    left_out, text, before = outcomes["leaves-out"]
+    assert set(left_out["sites"]) == {"a", "b"}, left_out
+    # Named by its node id: the run's first round, and a ServerApp knows site names only from their replies.
+    assert left_out["failed"] == {f"node-{ids['c']}": f"no reply within round-timeout ({on_the_wire * 0.6:g} s): "
+                                                      "left out of this round"}, left_out
+    assert f"node {ids['c']} sent no reply within round-timeout" in text, text[-4000:]
+    assert "round 1: 2 of 3 sites replied" in text
+    # Whether c trained that round depends on how far its download got before the run ended (a SuperNode ignores a
+    # message of a finished run): its ledger holds the round exactly when its audit log says it trained it.
+    trained_c = [r["round"] for r in _trained(netfed.states["c"])[before:]]
+    logged = [json.loads(line)["data"]["round"] for line in
+              (netfed.states["c"] / "audit.jsonl").read_text().splitlines() if '"round-trained"' in line]
+    assert trained_c in ([], [1]) and logged[len(logged) - len(trained_c):] == trained_c
+
+
 def test_a_site_revoked_mid_run_is_refused_and_the_run_goes_on_with_the_rest(netfed, lfw_root, cache_dir):
     """The operator revokes site c during round 2 (`facefl deploy revoke-site c --by ... --reason ...`, then SIGHUP
     to `facefl superlink`). The SuperLink unregisters c's node, which disconnects it and refuses its next
