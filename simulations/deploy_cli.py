@@ -1,4 +1,4 @@
-"""The deployment commands of ``facefl``: ``deploy init|add-site|revoke-site|sign-app`` (key material for a SuperLink
+"""The deployment commands of ``facefl``: ``deploy init|add-site|revoke-site|rotate-cert|sign-app`` (key material for a SuperLink
 and one SuperNode per site, ``server/deployment/provision.py``), ``deploy status`` (``server/deployment/status.py``),
 ``superlink`` (``server/deployment/superlink.py``) and ``site`` (``client/supernode.py``).
 
@@ -81,6 +81,22 @@ def revoke_site_cmd(
     typer.echo(f"Revoked site {name} at {entry['revoked_at']} by {entry['revoked_by']}. A running `facefl "
                "superlink` unregisters its node on SIGHUP (kill -HUP its pid; or restart it), which disconnects it "
                "and refuses its next connection; a run in progress goes on with the other sites.")
+
+
+@deploy_app.command("rotate-cert")
+def rotate_cert_cmd(
+    deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init` "
+                                    "(its ca/ key signs the new certificate)."),
+    by: Optional[str] = typer.Option(None, "--by", help=_BY_HELP),
+) -> None:
+    """Give the SuperLink a new TLS key and certificate from the deployment's CA (same names). The sites trust the
+    CA, so nothing changes for them; restart `facefl superlink` to serve it (its state, runs and sites are kept)."""
+    from server.deployment.provision import rotate_server_certificate
+
+    cert = rotate_server_certificate(deployment, by=by)
+    typer.echo(f"New SuperLink certificate {cert['fingerprint_sha256'][:23]}... valid until {cert['not_after']}. "
+               "Restart `facefl superlink` (same --state) to serve it: registered sites, node ids and past runs are "
+               "kept, and the sites reconnect by themselves.")
 
 
 @deploy_app.command("sign-app")

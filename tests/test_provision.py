@@ -20,7 +20,7 @@ import pytest
 import typer
 from conftest import patience
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from common.audit import verify_log
 from server.deployment import provision
 from server.deployment.provision import (ProvisionError, add_site, init_deployment, load_deployment, revoke_site,
-                                         sign_fab)
+                                         rotate_server_certificate, sign_fab)
 from simulations.deploy_cli import deploy_app
 
 SITES = ["a", "b", "c"]
@@ -372,3 +372,33 @@ def test_real_superlink_accepts_the_files(tmp_path):
     finally:
         for proc in [*nodes, link]:
             _stop(proc)
+
+
+def test_rotating_the_superlink_certificate_keeps_the_names_and_the_sites_bundles(dep):
+    """A new key and certificate from the same CA, with the same names: the sites' unchanged ca.crt verifies it;
+    the old certificate is retired in deployment.json and the rotation is in the operator's audit log."""
+    before = load_deployment(dep.root)
+    old_cert = x509.load_pem_x509_certificate(before.server_cert.read_bytes())
+    old_key, bundle_ca = before.server_key.read_bytes(), dep.site("a").ca_cert.read_bytes()
+    record = rotate_server_certificate(dep.root, by="ops@hospital-a")
+    after = load_deployment(dep.root)
+    cert = x509.load_pem_x509_certificate(after.server_cert.read_bytes())
+    key = serialization.load_pem_private_key(after.server_key.read_bytes(), password=None)
+    assert after.server_key.read_bytes() != old_key and stat.S_IMODE(after.server_key.stat().st_mode) == 0o600
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    assert cert.serial_number != old_cert.serial_number
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans == old_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert dep.site("a").ca_cert.read_bytes() == bundle_ca  # nothing to hand out to the sites
+    store = Store([x509.load_pem_x509_certificate(bundle_ca)])
+    PolicyBuilder().store(store).build_server_verifier(x509.DNSName("localhost")).verify(cert, [])
+    saved = json.loads((dep.root / "deployment.json").read_text())
+    assert saved["server_cert"] == record and record["fingerprint_sha256"] == cert.fingerprint(
+        hashes.SHA256()).hex(":")
+    assert saved["retired_server_certs"][0]["fingerprint_sha256"] == old_cert.fingerprint(hashes.SHA256()).hex(":")
+    entries = [json.loads(line) for line in (dep.root / "audit.jsonl").read_text().splitlines()]
+    assert [(e["actor"], e["event"]) for e in entries] == [("operator:ops@hospital-a", "server-certificate-rotated")]
+    assert entries[0]["data"]["new"] == record and verify_log(dep.root / "audit.jsonl").ok
+    (dep.root / "ca" / "ca.key").rename(dep.root / "ca.key.elsewhere")
+    with pytest.raises(ProvisionError, match="No CA key"):
+        rotate_server_certificate(dep.root)

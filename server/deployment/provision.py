@@ -313,6 +313,39 @@ def revoke_site(deployment_dir: str | Path, name: str, *, by: str | None = None,
     return record["revoked"][name]
 
 
+def rotate_server_certificate(deployment_dir: str | Path, *, by: str | None = None) -> dict:
+    """Give the SuperLink a new TLS key and certificate from the deployment's CA, with the same names; returns the
+    new certificate's record (fingerprint, expiry). Needs the CA key (``DIR/ca/ca.key``) on this machine.
+
+    The sites trust the CA, not the certificate, so their bundles do not change. ``facefl superlink`` loads the
+    certificate when it starts: restart it on the same state folder (registrations, node ids and past runs are kept
+    in its database) and the sites reconnect by themselves. The retired certificate's record stays in
+    ``deployment.json``; the operator's audit log records the rotation."""
+    root = _deployment_root(deployment_dir)
+    with _locked(root):
+        record = _read_record(root)
+        ca_key_path, ca_cert_path = root / "ca" / CA_KEY, root / "ca" / CA_CERT
+        if not ca_key_path.is_file():
+            raise ProvisionError(f"No CA key at {ca_key_path}: rotate the SuperLink's certificate on the machine that "
+                                 "keeps the deployment's ca/ folder.")
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+        sans = [_san(name) for name in record["server_sans"]]
+        now = _now()
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _server_certificate(key, sans, ca_key, ca_cert, now)
+        # Each file is replaced atomically, the key last: a SuperLink started in between fails on a mismatched pair
+        # (and says so) rather than serving a key nobody certified.
+        _write_public(root / "superlink" / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM))
+        _write_private(root / "superlink" / SERVER_KEY, _pkcs8(key))
+        old = record["server_cert"]
+        record.setdefault("retired_server_certs", []).append({**old, "retired_at": _iso(now)})
+        record["server_cert"] = _cert_record(cert)
+        _write_public(root / DEPLOYMENT_FILE, _json_bytes(record))
+        operator_log(root, by).append("server-certificate-rotated", old=old, new=record["server_cert"])
+    return record["server_cert"]
+
+
 def operator_name(by: str | None = None) -> str:
     """Who is acting: ``by`` when given (an operator's name or e-mail), else this machine's ``user@host``."""
     if by is not None:
