@@ -1,4 +1,4 @@
-"""The deployment commands of ``facefl``: ``deploy init|add-site|revoke-site|rotate-cert|sign-app`` (key material for a SuperLink
+"""The deployment commands of ``facefl``: ``deploy init|add-site|revoke-site|rotate-site-key|rotate-cert|sign-app`` (key material for a SuperLink
 and one SuperNode per site, ``server/deployment/provision.py``), ``deploy status`` (``server/deployment/status.py``),
 ``superlink`` (``server/deployment/superlink.py``) and ``site`` (``client/supernode.py``).
 
@@ -81,6 +81,22 @@ def revoke_site_cmd(
     typer.echo(f"Revoked site {name} at {entry['revoked_at']} by {entry['revoked_by']}. A running `facefl "
                "superlink` unregisters its node on SIGHUP (kill -HUP its pid; or restart it), which disconnects it "
                "and refuses its next connection; a run in progress goes on with the other sites.")
+
+
+@deploy_app.command("rotate-site-key")
+def rotate_site_key_cmd(
+    name: str = typer.Argument(..., help="The site whose authentication key is replaced."),
+    deployment: Path = typer.Option(..., "--deployment", help="Deployment folder made by `facefl deploy init`."),
+    by: Optional[str] = typer.Option(None, "--by", help=_BY_HELP),
+) -> None:
+    """Give a site a new SuperNode authentication key (the old one is never accepted again). Then SIGHUP `facefl
+    superlink` (the old node is unregistered, the new key registered) and hand the site its new supernode.key."""
+    from server.deployment.provision import rotate_site_key
+
+    entry = rotate_site_key(deployment, name, by=by)
+    typer.echo(f"New key for site {name} ({entry['fingerprint']}). SIGHUP `facefl superlink` to register it (the "
+               f"old key's node is unregistered), then give {deployment}/sites/{name}/supernode.key to that site "
+               "only and restart its `facefl site`: its state folder (privacy ledger, audit log) carries over.")
 
 
 @deploy_app.command("rotate-cert")

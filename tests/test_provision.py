@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from common.audit import verify_log
 from server.deployment import provision
 from server.deployment.provision import (ProvisionError, add_site, init_deployment, load_deployment, revoke_site,
-                                         rotate_server_certificate, sign_fab)
+                                         rotate_server_certificate, rotate_site_key, sign_fab)
 from simulations.deploy_cli import deploy_app
 
 SITES = ["a", "b", "c"]
@@ -402,3 +402,23 @@ def test_rotating_the_superlink_certificate_keeps_the_names_and_the_sites_bundle
     (dep.root / "ca" / "ca.key").rename(dep.root / "ca.key.elsewhere")
     with pytest.raises(ProvisionError, match="No CA key"):
         rotate_server_certificate(dep.root)
+
+
+def test_rotating_a_site_key_replaces_it_in_the_bundle_and_the_allow_list(dep):
+    old = dep.site("b").private_key.read_bytes()
+    old_print = dep.fingerprints["b"]
+    entry = rotate_site_key(dep.root, "b", by="ops@hospital-b")
+    after = load_deployment(dep.root)
+    assert after.site("b").private_key.read_bytes() != old and after.fingerprints["b"] == entry["fingerprint"]
+    assert entry["fingerprint"] != old_print and entry["retired_keys"][0]["fingerprint"] == old_print
+    _flower_node_keys(after.site("b").private_key)
+    assert after.allow_list()["b"].read_bytes() == after.site("b").path.joinpath("supernode.pub").read_bytes()
+    assert stat.S_IMODE(after.site("b").private_key.stat().st_mode) == 0o600
+    assert all(old not in p.read_bytes() for p in dep.root.rglob("*") if p.is_file())
+    assert after.fingerprints["a"] == dep.fingerprints["a"]  # the other sites keep theirs
+    events = [json.loads(line) for line in (dep.root / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["data"]["site"], e["data"]["old_fingerprint"]) for e in events] == [
+        ("site-key-rotated", "b", old_print)]
+    revoke_site(dep.root, "c")
+    with pytest.raises(ProvisionError, match="No active site"):
+        rotate_site_key(dep.root, "c")

@@ -346,6 +346,40 @@ def rotate_server_certificate(deployment_dir: str | Path, *, by: str | None = No
     return record["server_cert"]
 
 
+def rotate_site_key(deployment_dir: str | Path, name: str, *, by: str | None = None) -> dict:
+    """Give active site ``name`` a new SuperNode authentication key: a new key pair in its bundle and allow-list
+    entry; the old public key's fingerprint is retired (never accepted again). Returns the site's new record.
+
+    A running ``facefl superlink`` applies it on SIGHUP: it unregisters the site's old node (which disconnects it)
+    and registers the new key (a new node id; ``nodes.json`` keeps the previous ones). The site then restarts
+    ``facefl site`` with its new ``supernode.key``; its state folder (privacy ledger, audit log) carries over."""
+    root = _deployment_root(deployment_dir)
+    with _locked(root):
+        record = _read_record(root)
+        if name not in record["sites"]:
+            raise ProvisionError(f"No active site {name!r} in {root}; the sites are: "
+                                 f"{', '.join(record['sites']) or 'none'}.")
+        bundle = root / "sites" / name
+        if not bundle.is_dir():
+            raise ProvisionError(f"Site {name}'s bundle {bundle} is not on this machine: rotate its key where the "
+                                 "deployment's sites/ folder is kept.")
+        old = record["sites"][name]
+        key = ec.generate_private_key(ec.SECP384R1())
+        public_line = _openssh_public(key, f"facefl-site-{name}")
+        fingerprint = _ssh_fingerprint(key.public_key())
+        _write_private(bundle / NODE_KEY, _openssh_private(key))
+        _write_public(bundle / NODE_PUB, public_line)
+        _write_public(root / "superlink" / "supernodes" / f"{name}.pub", public_line)
+        now = _iso(_now())
+        retired = [*old.get("retired_keys", []), {"fingerprint": old["fingerprint"], "retired_at": now}]
+        record["sites"][name] = {**old, "fingerprint": fingerprint, "public_key": public_line.decode().strip(),
+                                 "key_rotated_at": now, "retired_keys": retired}
+        _write_public(root / DEPLOYMENT_FILE, _json_bytes(record))
+        operator_log(root, by).append("site-key-rotated", site=name, old_fingerprint=old["fingerprint"],
+                                      new_fingerprint=fingerprint)
+    return record["sites"][name]
+
+
 def operator_name(by: str | None = None) -> str:
     """Who is acting: ``by`` when given (an operator's name or e-mail), else this machine's ``user@host``."""
     if by is not None:

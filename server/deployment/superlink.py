@@ -141,7 +141,21 @@ def sync_allow_list(deployment: Deployment, state: str | Path) -> dict[str, dict
 
     for name, public_key in deployment.allow_list().items():
         entry = nodes.get(name)
-        if entry and listed.get(int(entry["node_id"]), "unregistered") != "unregistered":
+        live = entry and listed.get(int(entry["node_id"]), "unregistered") != "unregistered"
+        if live and entry.get("fingerprint") and entry["fingerprint"] != deployment.fingerprints.get(name):
+            # `facefl deploy rotate-site-key`: the old key's node goes (which disconnects it), the new key registers.
+            old_id = int(entry["node_id"])
+            try:
+                flwr_json(state, "supernode", "unregister", str(old_id), CONNECTION)
+            except DeploymentRunError as exc:
+                if "not found" not in str(exc).lower():
+                    raise
+            audit.append("site-key-retired", site=name, node_id=old_id, fingerprint=entry["fingerprint"])
+            say(f"unregistered site {name}'s old key (node {old_id})")
+            previous = [*entry.get("previous_node_ids", []), old_id]
+            nodes[name] = entry = {**entry, "status": "unregistered", "previous_node_ids": previous}
+            live = False
+        if live:
             continue
         try:
             out = flwr_json(state, "supernode", "register", str(public_key), CONNECTION, "--name", name)
@@ -152,7 +166,9 @@ def sync_allow_list(deployment: Deployment, state: str | Path) -> dict[str, dict
                 f"Site {name}'s key is registered in {state / DATABASE} but {state / NODES_FILE} does not record "
                 f"its node id; restore {NODES_FILE} from a backup, or start from a new --state folder.") from exc
         nodes[name] = {"node_id": int(out["node-id"]), "fingerprint": deployment.fingerprints.get(name, ""),
-                       "registered_at": now(), "status": "registered"}
+                       "registered_at": now(), "status": "registered",
+                       **({"previous_node_ids": entry["previous_node_ids"]} if entry and
+                          entry.get("previous_node_ids") else {})}
         _write_nodes(state, record)
         audit.append("site-registered", site=name, node_id=nodes[name]["node_id"],
                      fingerprint=nodes[name]["fingerprint"])
