@@ -304,7 +304,7 @@ def test_the_servers_disk_fills_during_a_checkpoint_the_run_stops_intact_and_res
     run_id = start_run(netfed.root, netfed.operator, REPO, config)
     logs = [netfed.outs["superlink"], *(netfed.outs[s] for s in SITES)]
     first = run_dir / "checkpoints" / "round-0001.pt"
-    _wait_for(lambda: first.is_file(), patience(300), "round 1 was not checkpointed", *logs, poll=0.1)
+    _wait_for(lambda: first.is_file(), 300, "round 1 was not checkpointed", *logs, poll=0.1)
     filler = _fill(netfed.small_disk)
     try:
         status = wait_run(netfed.root, netfed.operator, run_id, timeout=patience(300), poll=5)
@@ -360,7 +360,7 @@ def test_the_superlink_cut_off_from_every_site_for_a_minute_the_sites_reconnect_
     run_id = start_run(netfed.root, netfed.operator, REPO, _run_config(run_dir, lfw_root, cache_dir,
                                                                        **{"num-rounds": 3}))
     logs = [netfed.outs["superlink"], *(netfed.outs[s] for s in SITES)]
-    _wait_for(lambda: any(r["data"]["round"] >= 1 for r in _audit(run_dir, "round-results")), patience(300),
+    _wait_for(lambda: any(r["data"]["round"] >= 1 for r in _audit(run_dir, "round-results")), 300,
               "round 1 did not complete", *logs, poll=0.2)
     net.partition("superlink")
     try:
@@ -462,8 +462,8 @@ def test_a_sites_key_rotated_it_reconnects_with_the_new_key_and_keeps_its_ledger
                           cwd=REPO, capture_output=True, text=True, timeout=patience(60))
     assert done.returncode == 0, done.stderr
     os.kill(netfed.procs["superlink"].pid, signal.SIGHUP)
-    _wait_for(lambda: netfed.node_ids()["b"] != old_id, patience(60), "SIGHUP did not register b's new key", out)
-    _wait_for(lambda: netfed.procs["b"].poll() is not None, patience(120), "b's old key was not refused",
+    _wait_for(lambda: netfed.node_ids()["b"] != old_id, 60, "SIGHUP did not register b's new key", out)
+    _wait_for(lambda: netfed.procs["b"].poll() is not None, 120, "b's old key was not refused",
               netfed.outs["b"], out)
     assert netfed.procs["b"].returncode == 3, netfed.outs["b"].read_text()[-3000:]
     _start_site(netfed, "b")
@@ -502,7 +502,7 @@ def test_a_site_revoked_mid_run_is_refused_and_the_run_goes_on_with_the_rest(net
     run_id = start_run(netfed.root, netfed.operator, REPO, _run_config(run_dir, lfw_root, cache_dir, **{
         "num-rounds": 3, "min-sites": 2}))
     logs = [netfed.outs["superlink"], *(netfed.outs[s] for s in SITES)]
-    _wait_for(lambda: any(r["data"]["round"] >= 1 for r in _audit(run_dir, "round-results")), patience(300),
+    _wait_for(lambda: any(r["data"]["round"] >= 1 for r in _audit(run_dir, "round-results")), 300,
               "round 1 did not complete", *logs, poll=0.2)
     revoked = subprocess.run([sys.executable, "-m", "simulations.deploy_cli", "deploy", "revoke-site", "c",
                               "--deployment", str(netfed.root), "--by", "dr.lee@hospital-a",
@@ -511,7 +511,7 @@ def test_a_site_revoked_mid_run_is_refused_and_the_run_goes_on_with_the_rest(net
     assert revoked.returncode == 0 and "by dr.lee@hospital-a" in revoked.stdout, revoked.stderr
     os.kill(netfed.procs["superlink"].pid, signal.SIGHUP)
     out = netfed.outs["superlink"]
-    _wait_for(lambda: "unregistered site c" in out.read_text(), patience(60), "SIGHUP did not apply the revocation",
+    _wait_for(lambda: "unregistered site c" in out.read_text(), 60, "SIGHUP did not apply the revocation",
               out)
     status = wait_run(netfed.root, netfed.operator, run_id, timeout=patience(300), poll=5)
     text = run_logs(netfed.root, netfed.operator, run_id)
@@ -544,7 +544,7 @@ def test_a_site_revoked_mid_run_is_refused_and_the_run_goes_on_with_the_rest(net
     # c's next request was refused (HTTP 401 at the SuperLink, from c's address); Flower's SuperNode then stops,
     # and `facefl site` says why, records it in the site's audit log and exits non-zero.
     c_address = netfed.net.address("c")
-    _wait_for(lambda: netfed.procs["c"].poll() is not None, patience(120), "site c was not refused",
+    _wait_for(lambda: netfed.procs["c"].poll() is not None, 120, "site c was not refused",
               netfed.outs["c"], out)
     refused = [line for line in out.read_text().splitlines() if f"{c_address}:" in line and '" 401' in line]
     assert refused, out.read_text()[-3000:]

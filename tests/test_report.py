@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import facefl
+from conftest import facefl, patience
 from PIL import Image
 
 CHROMIUM = Path(os.environ.get("FACEFL_CHROMIUM", "/usr/bin/chromium"))
@@ -151,6 +151,7 @@ def test_report_in_headless_chromium(federated_run, tmp_path):
         pytest.skip("Chromium not installed (apt-get install chromium chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
@@ -161,7 +162,9 @@ def test_report_in_headless_chromium(federated_run, tmp_path):
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         driver.get((federated_run / "report.html").resolve().as_uri())
-        assert driver.execute_script("return document.readyState") == "complete"
+        # driver.get can return before the load event on a loaded machine: wait for it (images included).
+        WebDriverWait(driver, patience(60), poll_frequency=0.2).until(
+            lambda d: d.execute_script("return document.readyState") == "complete")
         errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
         assert not errors, errors
         images = driver.execute_script(
