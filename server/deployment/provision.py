@@ -364,11 +364,7 @@ def rotate_site_key(deployment_dir: str | Path, name: str, *, by: str | None = N
             raise ProvisionError(f"Site {name}'s bundle {bundle} is not on this machine: rotate its key where the "
                                  "deployment's sites/ folder is kept.")
         old = record["sites"][name]
-        key = ec.generate_private_key(ec.SECP384R1())
-        public_line = _openssh_public(key, f"facefl-site-{name}")
-        fingerprint = _ssh_fingerprint(key.public_key())
-        _write_private(bundle / NODE_KEY, _openssh_private(key))
-        _write_public(bundle / NODE_PUB, public_line)
+        fingerprint, public_line = _new_node_key(bundle, name)
         _write_public(root / "superlink" / "supernodes" / f"{name}.pub", public_line)
         now = _iso(_now())
         retired = [*old.get("retired_keys", []), {"fingerprint": old["fingerprint"], "retired_at": now}]
@@ -485,16 +481,21 @@ def _build_site(bundle: Path, name: str, host: str, ca_pem: bytes, trusted: byte
     """Write the bundle of site ``name`` into the existing folder ``bundle``.
 
     Returns the site's record for ``deployment.json`` and its OpenSSH public key line for the allow-list."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    public_line = _openssh_public(key, f"facefl-site-{name}")
     _write_public(bundle / CA_CERT, ca_pem)
-    _write_private(bundle / NODE_KEY, _openssh_private(key))
-    _write_public(bundle / NODE_PUB, public_line)
+    fingerprint, public_line = _new_node_key(bundle, name)
     _write_public(bundle / TRUSTED_ENTITIES, trusted)
     _write_public(bundle / SITE_CONFIG, _site_toml(name, host))
-    entry = {"fingerprint": _ssh_fingerprint(key.public_key()), "public_key": public_line.decode().strip(),
-             "added_at": _iso(now)}
+    entry = {"fingerprint": fingerprint, "public_key": public_line.decode().strip(), "added_at": _iso(now)}
     return entry, public_line
+
+
+def _new_node_key(bundle: Path, name: str) -> tuple[str, bytes]:
+    """A new SuperNode authentication key pair in ``bundle``; returns its fingerprint and OpenSSH public key line."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    public_line = _openssh_public(key, f"facefl-site-{name}")
+    _write_private(bundle / NODE_KEY, _openssh_private(key))
+    _write_public(bundle / NODE_PUB, public_line)
+    return _ssh_fingerprint(key.public_key()), public_line
 
 
 def _site_toml(name: str, host: str) -> bytes:
